@@ -1,0 +1,74 @@
+"""crux_workers: durable flows on Celery, Redis and Postgres."""
+
+from ._app import Crux, default_app, set_default_app
+from ._context import FlowContext, StepInfo, current_step
+from ._flow import FlowHandle, FlowRun, flow
+from ._models import (
+    ErrorInfo,
+    FlowOutcome,
+    FlowState,
+    Retry,
+    SignalReceipt,
+    SignalState,
+    StepState,
+)
+from ._settings import Settings
+from ._signals import get_flow, signal_flow
+from .errors import (
+    ConfigurationError,
+    CruxError,
+    DuplicateFlowName,
+    FlowIdConflict,
+    FlowNotFound,
+    FlowNotWaiting,
+    InvalidDuration,
+    InvalidInput,
+    NonDeterminismError,
+    NonRetryableError,
+    StepFailed,
+    StepResultNotSerializable,
+    StoreError,
+    UnknownFlow,
+    WaitTimeout,
+)
+
+__all__ = [
+    # defining and running flows
+    "Crux",
+    "FlowContext",
+    "FlowHandle",
+    "FlowRun",
+    "Retry",
+    "Settings",
+    "StepInfo",
+    "current_step",
+    "default_app",
+    "flow",
+    "set_default_app",
+    # signals and state
+    "get_flow",
+    "signal_flow",
+    # values
+    "ErrorInfo",
+    "FlowOutcome",
+    "FlowState",
+    "SignalReceipt",
+    "SignalState",
+    "StepState",
+    # errors
+    "ConfigurationError",
+    "CruxError",
+    "DuplicateFlowName",
+    "FlowIdConflict",
+    "FlowNotFound",
+    "FlowNotWaiting",
+    "InvalidDuration",
+    "InvalidInput",
+    "NonDeterminismError",
+    "NonRetryableError",
+    "StepFailed",
+    "StepResultNotSerializable",
+    "StoreError",
+    "UnknownFlow",
+    "WaitTimeout",
+]

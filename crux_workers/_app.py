@@ -1,0 +1,354 @@
+"""Crux: one app = settings + record + step cache + dispatcher (+ Celery when fleeted)."""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from pydantic import BaseModel
+
+from . import _json
+from ._engine import Advance, Engine, FlowDef, Handler
+from ._models import ErrorInfo, FlowState, SignalReceipt, SignalState, StepState
+from ._settings import Settings, redact
+from ._store._cache import MemoryStepCache, RedisStepCache
+from ._store._migrate import ensure_schema
+from ._store._sql import SqlStore
+from ._store._types import CruxStore, FlowRow, StepCache
+from .errors import (
+    ConfigurationError,
+    DuplicateFlowName,
+    InvalidInput,
+    StoreError,
+    UnknownFlow,
+)
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+    from ._dispatch import Dispatcher
+    from ._flow import FlowHandle
+
+log = logging.getLogger("crux_workers")
+M = TypeVar("M", bound=BaseModel)
+
+_MAX_KEY = 200
+
+
+class Crux:
+    """An explicit crux_workers app. ``@flow`` and friends use a default one from env.
+
+    Nothing connects at construction: the record, cache, broker are opened on first use.
+    """
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        store: CruxStore | None = None,
+        cache: StepCache | None = None,
+        **overrides: Any,
+    ) -> None:
+        if settings is not None and overrides:
+            raise ConfigurationError("pass either settings or keyword overrides, not both")
+        self.settings = settings or Settings.from_env(**overrides)
+        self._flows: dict[str, FlowDef] = {}
+        self._handles: dict[str, FlowHandle[Any]] = {}
+        self._store = store
+        self._cache = cache
+        self._engine: Engine | None = None
+        self._dispatcher: Dispatcher | None = None
+        self._celery: Celery | None = None
+        self._lock = threading.RLock()
+
+    # -- definitions ----------------------------------------------------------------
+
+    def flow(
+        self, name: str, *, input: type[M], queue: str | None = None
+    ) -> Callable[[Handler], FlowHandle[M]]:
+        """Decorator: define a flow called ``name`` whose input is validated by ``input``."""
+        from ._flow import FlowHandle
+
+        if not isinstance(name, str) or not name or len(name) > 200 or not name.isprintable():
+            raise InvalidInput("flow name must be a printable, non-empty string (<= 200 chars)")
+        if not (isinstance(input, type) and issubclass(input, BaseModel)):
+            raise InvalidInput(f"flow {name!r}: input must be a pydantic model class")
+
+        def decorate(fn: Handler) -> FlowHandle[M]:
+            with self._lock:
+                existing = self._flows.get(name)
+                if existing is not None and _qualname(existing.fn) != _qualname(fn):
+                    raise DuplicateFlowName(
+                        f"flow {name!r} is already defined by {_qualname(existing.fn)}",
+                        flow=name,
+                    )
+                defn = FlowDef(name, fn, input)
+                self._flows[name] = defn
+                handle: FlowHandle[M] = FlowHandle(self, defn, queue=queue)
+                self._handles[name] = handle
+                if self._celery is not None:
+                    from ._tasks import register_flow_task
+
+                    register_flow_task(self._celery, self, defn)
+            return handle
+
+        return decorate
+
+    def flow_defs(self) -> list[FlowDef]:
+        """Every flow registered on this app."""
+        with self._lock:
+            return list(self._flows.values())
+
+    def lookup(self, name: str) -> FlowDef:
+        """The registered flow called ``name``; ``UnknownFlow`` if none."""
+        try:
+            return self._flows[name]
+        except KeyError:
+            raise UnknownFlow(
+                f"no flow {name!r} is registered in this process", flow=name
+            ) from None
+
+    # -- wiring (lazy) ----------------------------------------------------------------
+
+    @property
+    def store(self) -> CruxStore:
+        """The durable record; its schema is brought to head on first use."""
+        if self._store is None:
+            with self._lock:
+                if self._store is None:
+                    store = SqlStore(self.settings.effective_database_url)
+                    if self.settings.auto_migrate:
+                        try:
+                            ensure_schema(store.engine)
+                        except Exception as exc:
+                            store.close()
+                            raise StoreError(
+                                f"cannot prepare the record at {redact(store.url)}: {exc}"
+                            ) from exc
+                    self._store = store
+        return self._store
+
+    @property
+    def cache(self) -> StepCache:
+        """The step cache: Redis when configured, else in process memory."""
+        if self._cache is None:
+            with self._lock:
+                if self._cache is None:
+                    url = self.settings.redis_url
+                    self._cache = (
+                        RedisStepCache(url, self.settings.redis_prefix)
+                        if url
+                        else MemoryStepCache()
+                    )
+        return self._cache
+
+    @property
+    def engine(self) -> Engine:
+        """The execution engine."""
+        if self._engine is None:
+            with self._lock:
+                if self._engine is None:
+                    self._engine = Engine(
+                        self.store, self.cache, self.lookup, lease_ttl=self.settings.lease_ttl
+                    )
+        return self._engine
+
+    @property
+    def celery(self) -> Celery:
+        """The Celery app behind the fleet (needs a broker URL)."""
+        if self._celery is None:
+            with self._lock:
+                if self._celery is None:
+                    if self.settings.embedded:
+                        raise ConfigurationError(
+                            "no broker configured: set CRUX_REDIS_URL or CRUX_BROKER_URL "
+                            "(and CRUX_DATABASE_URL) to run on Celery"
+                        )
+                    from ._tasks import make_celery
+
+                    self._celery = make_celery(self)
+        return self._celery
+
+    @property
+    def dispatcher(self) -> Dispatcher:
+        """How executions are requested: Celery messages, or local threads when embedded."""
+        if self._dispatcher is None:
+            with self._lock:
+                if self._dispatcher is None:
+                    from ._dispatch import CeleryDispatcher, ThreadDispatcher
+
+                    if self.settings.embedded:
+                        self._dispatcher = ThreadDispatcher(
+                            self.execute, self.settings.embedded_threads
+                        )
+                    else:
+                        self._dispatcher = CeleryDispatcher(self._send_task)
+        return self._dispatcher
+
+    def _send_task(self, flow_name: str, flow_id: str, countdown: float | None) -> None:
+        from ._tasks import task_name
+
+        handle = self._handles.get(flow_name)
+        options: dict[str, Any] = {}
+        if handle is not None and handle.queue:
+            options["queue"] = handle.queue
+        if countdown:
+            options["countdown"] = countdown
+        self.celery.send_task(task_name(flow_name), args=[flow_id], **options)
+
+    # -- executing ----------------------------------------------------------------------
+
+    def execute(self, flow_name: str, flow_id: Any) -> Advance | None:
+        """The body of a start/resume task: advance the flow, re-ask if it must wait."""
+        if not isinstance(flow_id, str) or not flow_id:
+            log.error("dropping a malformed flow message: flow_id=%r", flow_id)
+            return None
+        try:
+            outcome = self.engine.advance(flow_id)
+        except StoreError as exc:
+            delay = 1.0 + random.random() * 2
+            log.warning("flow %s: record unavailable (%s); retrying in %.1fs", flow_id, exc, delay)
+            self._enqueue_quietly(flow_name, flow_id, delay)
+            return None
+        except UnknownFlow:
+            return None
+        if outcome.kind == "busy" and outcome.retry_after is not None:
+            # Another executor holds the lease: look again once it would have expired.
+            self._enqueue_quietly(flow_name, flow_id, outcome.retry_after + 0.1)
+        return outcome
+
+    def _enqueue_quietly(self, flow_name: str, flow_id: str, countdown: float | None) -> None:
+        try:
+            self.dispatcher.enqueue(flow_name, flow_id, countdown)
+        except Exception as exc:
+            # The record still says what is due; the sweeper re-sends it.
+            log.warning("flow %s: could not enqueue (%r); the sweeper will", flow_id, exc)
+
+    # -- signals and reads ------------------------------------------------------------------
+
+    def signal_flow(
+        self, flow_id: str, name: str, payload: Any = None, *, key: str | None = None
+    ) -> SignalReceipt:
+        """Record a signal durably, then wake the flow if it is waiting for it."""
+        _check_id(flow_id, "flow_id")
+        _check_id(name, "signal name")
+        if key is not None:
+            _check_id(key, "signal key")
+        try:
+            payload_json = _json.dumps(payload)
+        except (TypeError, ValueError) as exc:
+            raise InvalidInput(f"signal {name!r}: payload is not JSON-able: {exc}") from None
+        got = self.store.record_signal(flow_id, name, payload_json, key)
+        if got.wake:
+            self._enqueue_quietly(got.flow_name, flow_id, None)
+        return SignalReceipt(
+            flow_id=flow_id, signal_id=got.signal_id, name=name, duplicate=got.duplicate
+        )
+
+    def resume(self, flow_id: str) -> str:
+        """Ask for a suspended flow to be replayed now; returns its flow name."""
+        _check_id(flow_id, "flow_id")
+        name = self.store.request_resume(flow_id)
+        self._enqueue_quietly(name, flow_id, None)
+        return name
+
+    def get_flow(self, flow_id: str) -> FlowState:
+        """Everything the record holds about a flow."""
+        _check_id(flow_id, "flow_id")
+        return to_state(self.store.get_flow(flow_id, details=True))
+
+    def close(self) -> None:
+        """Stop the embedded executors and release connections."""
+        with self._lock:
+            if self._dispatcher is not None:
+                self._dispatcher.close()
+                self._dispatcher = None
+            if self._store is not None:
+                self._store.close()
+            if isinstance(self._cache, RedisStepCache):
+                self._cache.close()
+
+
+def _qualname(fn: Callable[..., Any]) -> str:
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+
+
+def _check_id(value: object, what: str) -> None:
+    if not isinstance(value, str) or not value or len(value) > _MAX_KEY:
+        raise InvalidInput(f"{what} must be a non-empty string of at most {_MAX_KEY} characters")
+
+
+def _maybe_json(text: str | None) -> Any:
+    return None if text is None else _json.loads(text)
+
+
+def to_state(row: FlowRow) -> FlowState:
+    """The public view of a record row."""
+    return FlowState(
+        flow_id=row.id,
+        name=row.name,
+        status=row.status,  # type: ignore[arg-type]
+        input=_json.loads(row.input),
+        result=_maybe_json(row.result),
+        error=ErrorInfo.model_validate_json(row.error) if row.error else None,
+        cancel_reason=row.cancel_reason,
+        waiting_on=row.waiting_on,
+        deadline=row.deadline,
+        wake_at=row.wake_at,
+        wake_kind=row.wake_kind,
+        epoch=row.epoch,
+        steps=[
+            StepState(
+                seq=s.seq,
+                kind=s.kind,
+                name=s.name,
+                occurrence=s.occurrence,
+                result=_json.loads(s.result),
+                attempts=s.attempts,
+                started_at=s.started_at,
+                completed_at=s.completed_at,
+            )
+            for s in row.steps
+        ],
+        signals=[
+            SignalState(
+                id=g.id,
+                name=g.name,
+                payload=_json.loads(g.payload),
+                key=g.key,
+                status=g.status,  # type: ignore[arg-type]
+                error=g.error,
+                consumed_seq=g.consumed_seq,
+                created_at=g.created_at,
+                consumed_at=g.consumed_at,
+            )
+            for g in row.signals
+        ],
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        finished_at=row.finished_at,
+    )
+
+
+_default: Crux | None = None
+_default_lock = threading.Lock()
+
+
+def default_app() -> Crux:
+    """The app ``@flow``, ``signal_flow`` and the CLI use: configured from ``CRUX_*``."""
+    global _default
+    if _default is None:
+        with _default_lock:
+            if _default is None:
+                _default = Crux()
+    return _default
+
+
+def set_default_app(app: Crux | None) -> None:
+    """Replace the default app (tests, or apps built from code rather than env)."""
+    global _default
+    with _default_lock:
+        _default = app

@@ -1,0 +1,237 @@
+"""FlowContext: what a flow handler calls (``f.step``, ``f.suspend``) and the replay.
+
+A checkpoint is identified by its kind, name and occurrence (the n-th call with that
+name in this run). Replay walks the recorded sequence: a recorded checkpoint returns
+its stored result; the first unrecorded one is executed and committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import threading
+from collections import Counter
+from collections.abc import Callable
+from contextvars import ContextVar
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from . import _json
+from ._durations import Duration, parse_duration
+from ._models import Retry
+from ._store._sql import utcnow
+from ._store._types import Checkpoint, Suspension
+from .errors import (
+    CruxError,
+    InvalidInput,
+    NonDeterminismError,
+    StepFailed,
+    StepResultNotSerializable,
+    Suspended,
+)
+
+if TYPE_CHECKING:
+    from ._engine import Execution
+
+InputT = TypeVar("InputT", bound=BaseModel)
+T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
+
+_MAX_NAME = 200
+
+
+@dataclass(frozen=True, slots=True)
+class StepInfo:
+    """The step being executed: pass ``idempotency_key`` to external APIs."""
+
+    flow_id: str
+    name: str
+    occurrence: int
+    seq: int
+    attempt: int
+
+    @property
+    def idempotency_key(self) -> str:
+        """Stable across re-executions of this step: flow id, step name, occurrence."""
+        return f"{self.flow_id}:{self.name}:{self.occurrence}"
+
+
+_current_step: ContextVar[StepInfo | None] = ContextVar("crux_current_step", default=None)
+
+
+def current_step() -> StepInfo:
+    """The step running in this context; raises ``CruxError`` outside of a step."""
+    info = _current_step.get()
+    if info is None:
+        raise CruxError("current_step() called outside of a flow step")
+    return info
+
+
+def _check_name(name: object, what: str) -> str:
+    if not isinstance(name, str) or not name or len(name) > _MAX_NAME:
+        raise InvalidInput(f"{what} name must be a non-empty string of at most {_MAX_NAME} chars")
+    return name
+
+
+def call_maybe_async(fn: Callable[[], Any]) -> Any:
+    """Call ``fn``; if it returns an awaitable, run it to completion on a fresh loop."""
+    value = fn()
+    if not inspect.isawaitable(value):
+        return value
+    awaitable = value
+
+    async def _await() -> Any:
+        return await awaitable
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(_await())
+    # Called from inside a running loop (unusual for a worker): use a private thread.
+    box: dict[str, Any] = {}
+
+    def _runner() -> None:
+        try:
+            box["value"] = asyncio.run(_await())
+        except BaseException as exc:
+            box["error"] = exc
+
+    t = threading.Thread(target=_runner, name="crux-async-step")
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+class FlowContext(Generic[InputT]):
+    """The handle a flow handler receives as ``f``."""
+
+    def __init__(self, execution: Execution, flow_id: str, input: InputT) -> None:
+        self._x = execution
+        self.flow_id = flow_id
+        self.input = input
+        self._history = execution.history
+        self._seq = 0
+        self._occurrences: Counter[str] = Counter()
+
+    # -- replay ---------------------------------------------------------------------
+
+    def _next(self, kind: str, name: str) -> tuple[int, int, Checkpoint | None]:
+        occurrence = self._occurrences[name]
+        self._occurrences[name] += 1
+        seq = self._seq
+        self._seq += 1
+        if seq < len(self._history):
+            cp = self._history[seq]
+            if (cp.kind, cp.name, cp.occurrence) != (kind, name, occurrence):
+                raise NonDeterminismError(
+                    f"flow {self.flow_id}: checkpoint {seq} was recorded as "
+                    f"{cp.kind} {cp.name!r}#{cp.occurrence}, the replay asked for "
+                    f"{kind} {name!r}#{occurrence}",
+                    flow_id=self.flow_id,
+                    seq=seq,
+                    expected=f"{cp.kind} {cp.name!r}#{cp.occurrence}",
+                    actual=f"{kind} {name!r}#{occurrence}",
+                )
+            return seq, occurrence, cp
+        return seq, occurrence, None
+
+    @property
+    def replaying(self) -> bool:
+        """True while recorded checkpoints remain ahead of the handler."""
+        return self._seq < len(self._history)
+
+    # -- step -----------------------------------------------------------------------
+
+    def step(self, name: str, fn: Callable[[], T], *, retry: Retry | None = None) -> Any:
+        """Run ``fn()`` once for this flow and return its result as stored JSON.
+
+        The result (JSON-able or a pydantic model) is committed to the record before
+        this returns; a replay returns the stored value without calling ``fn``. Both
+        return the JSON form (a model comes back as a dict), so a first run and a
+        replay see the same value.
+        """
+        _check_name(name, "step")
+        if not callable(fn):
+            raise InvalidInput(f"step {name!r}: fn must be callable, got {type(fn).__name__}")
+        seq, occurrence, cp = self._next("step", name)
+        if cp is not None:
+            return _json.loads(cp.result)
+        self._x.before_step()
+        attempt = 1
+        started = utcnow()
+        info = StepInfo(self.flow_id, name, occurrence, seq, attempt)
+        token = _current_step.set(info)
+        try:
+            with self._x.keep_lease():
+                value = call_maybe_async(fn)
+        except Exception as exc:
+            raise StepFailed.from_exception(exc, step=name, attempt=attempt) from exc
+        finally:
+            _current_step.reset(token)
+        try:
+            result = _json.dumps(value)
+        except (TypeError, ValueError) as exc:
+            raise StepResultNotSerializable(
+                f"step {name!r} returned a {type(value).__name__} that cannot be stored as "
+                f"JSON: {exc}",
+                step=name,
+            ) from None
+        cp = Checkpoint(seq, "step", name, occurrence, result)
+        self._x.commit(cp, started_at=started, attempts=attempt)
+        return _json.loads(result)
+
+    # -- suspend ----------------------------------------------------------------------
+
+    def suspend(
+        self,
+        name: str,
+        *,
+        schema: type[M] | None = None,
+        timeout: Duration | None = None,
+    ) -> Any:
+        """Return the payload of the next signal called ``name``, validated by ``schema``.
+
+        With no such signal recorded yet, the flow checkpoints and this execution
+        ends; the signal's arrival resumes it. With ``timeout`` the flow ends
+        ``expired`` if no valid signal comes in time.
+        """
+        _check_name(name, "signal")
+        timeout_s = parse_duration(timeout, what="suspend timeout") if timeout else None
+        seq, occurrence, cp = self._next("suspend", name)
+        if cp is None:
+            deadline = self._x.deadline_for(name, timeout_s)
+            validate = _validator(schema)
+            cp = self._x.take_signal_or_suspend(
+                Suspension(seq, name, occurrence, deadline), validate
+            )
+        payload = _json.loads(cp.result)
+        return schema.model_validate(payload) if schema is not None else payload
+
+
+def _validator(schema: type[BaseModel] | None) -> Callable[[str], str]:
+    def validate(payload: str) -> str:
+        try:
+            value = _json.loads(payload)
+        except ValueError as exc:
+            raise ValueError(f"payload is not JSON: {exc}") from None
+        if schema is None:
+            return payload
+        try:
+            return schema.model_validate(value).model_dump_json()
+        except ValidationError as exc:
+            raise ValueError(str(exc)) from None
+
+    return validate
+
+
+def deadline_from(now: datetime, timeout_s: float | None) -> datetime | None:
+    """The deadline of a suspend reached at ``now``."""
+    return None if timeout_s is None else now + timedelta(seconds=timeout_s)
+
+
+__all__ = ["FlowContext", "StepInfo", "Suspended", "current_step"]

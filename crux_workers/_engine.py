@@ -1,0 +1,318 @@
+"""One execution of a flow: claim the lease, replay, checkpoint, suspend or finish.
+
+The engine knows the ``CruxStore`` and ``StepCache`` protocols and nothing of
+SQLAlchemy, Redis or Celery, so the embedded default, the Celery fleet and the
+unit tests run the same code.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import traceback
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ValidationError
+
+from . import _json
+from ._context import FlowContext, deadline_from
+from ._models import ErrorInfo
+from ._store._sql import utcnow
+from ._store._types import Checkpoint, Claimed, CruxStore, Lease, StepCache, Suspension, Validator
+from .errors import (
+    CruxError,
+    FlowStopped,
+    LeaseLost,
+    StepFailed,
+    Suspended,
+    UnknownFlow,
+)
+
+log = logging.getLogger("crux_workers.flow")
+
+Handler = Callable[[FlowContext[Any]], Any]
+
+
+@dataclass(frozen=True, slots=True)
+class FlowDef:
+    """A registered flow: its name, handler and input model."""
+
+    name: str
+    fn: Handler
+    input_model: type[BaseModel]
+
+
+AdvanceKind = Literal["completed", "failed", "suspended", "expired", "busy", "noop", "lost"]
+
+
+@dataclass(frozen=True, slots=True)
+class Advance:
+    """What one execution did; ``retry_after`` asks the caller to try again later."""
+
+    kind: AdvanceKind
+    retry_after: float | None = None
+    steps_run: int = 0
+
+
+def error_json(exc: BaseException, *, step: str | None = None) -> str:
+    """The recorded form of an error: type, message, traceback, structured details."""
+    if isinstance(exc, StepFailed):
+        info = ErrorInfo(
+            type=exc.error_type,
+            message=exc.error_message,
+            traceback=exc.traceback,
+            step=exc.step,
+            details={"attempt": exc.attempt},
+        )
+    else:
+        details = {
+            k: v
+            for k, v in getattr(exc, "_attrs", {}).items()
+            if isinstance(v, str | int | float | bool | type(None))
+        }
+        info = ErrorInfo(
+            type=f"{type(exc).__module__}.{type(exc).__qualname__}",
+            message=str(exc),
+            traceback="".join(traceback.format_exception(exc)),
+            step=step,
+            details=details,
+        )
+    return info.model_dump_json()
+
+
+class _LeaseKeeper:
+    """One thread per process renewing the leases of steps that are running long."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._watched: dict[int, tuple[Execution, float]] = {}
+        self._wake = threading.Event()
+        self._pid = 0
+
+    def _ensure_thread(self) -> None:
+        # Started lazily, and again in a forked child, where the parent's thread is gone.
+        if self._pid != os.getpid():
+            self._pid = os.getpid()
+            threading.Thread(target=self._run, name="crux-lease-keeper", daemon=True).start()
+
+    @contextmanager
+    def watch(self, execution: Execution, interval: float) -> Iterator[None]:
+        with self._lock:
+            self._ensure_thread()
+            self._watched[id(execution)] = (execution, interval)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._watched.pop(id(execution), None)
+
+    def _run(self) -> None:
+        due: dict[int, float] = {}
+        while True:
+            self._wake.wait(0.25)
+            now = _monotonic()
+            with self._lock:
+                watched = list(self._watched.items())
+            for key, (execution, interval) in watched:
+                if due.setdefault(key, now + interval) <= now:
+                    due[key] = now + interval
+                    execution.renew()
+            live = {k for k, _ in watched}
+            for key in list(due):
+                if key not in live:
+                    del due[key]
+
+
+def _monotonic() -> float:
+    import time
+
+    return time.monotonic()
+
+
+_keeper = _LeaseKeeper()
+
+
+class Execution:
+    """The state of one attempt to advance one flow; owns its lease."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        claimed: Claimed,
+        history: list[Checkpoint],
+    ) -> None:
+        self.engine = engine
+        self.lease: Lease = claimed.lease
+        self.history = history
+        self.claimed = claimed
+        self.lost = False
+        self.steps_run = 0
+
+    # Called by FlowContext ---------------------------------------------------------
+
+    def before_step(self) -> None:
+        """Stop here if the lease was lost while the previous step ran."""
+        if self.lost:
+            raise LeaseLost(f"flow {self.lease.flow_id}: lease lost")
+
+    @contextmanager
+    def keep_lease(self) -> Iterator[None]:
+        """Renew the lease in the background while a step's function runs."""
+        with _keeper.watch(self, self.engine.lease_ttl / 3):
+            yield
+
+    def renew(self) -> None:
+        """Extend the lease; remember if it was lost (the next write is refused anyway)."""
+        try:
+            if not self.engine.store.renew(self.lease, self.engine.lease_ttl):
+                self.lost = True
+        except CruxError as exc:
+            log.warning("lease renewal of flow %s failed: %s", self.lease.flow_id, exc)
+
+    def commit(self, cp: Checkpoint, *, started_at: datetime, attempts: int) -> None:
+        """Commit a step's checkpoint (fenced), then cache it."""
+        self.engine.store.commit_checkpoint(
+            self.lease, cp, started_at=started_at, attempts=attempts, ttl=self.engine.lease_ttl
+        )
+        self.engine.cache.add(self.lease.flow_id, cp)
+        self.history.append(cp)
+        self.steps_run += 1
+        log.info("flow %s: step %r committed (#%d)", self.lease.flow_id, cp.name, cp.seq)
+
+    def deadline_for(self, name: str, timeout_s: float | None) -> datetime | None:
+        """Keep the deadline set when this suspend was first reached; else start one now."""
+        if self.claimed.waiting_on == name and self.claimed.deadline is not None:
+            return self.claimed.deadline
+        return deadline_from(utcnow(), timeout_s)
+
+    def take_signal_or_suspend(self, point: Suspension, validate: Validator) -> Checkpoint:
+        """Consume a waiting signal as the checkpoint, or suspend and end the execution."""
+        got = self.engine.store.take_signal_or_suspend(
+            self.lease, point, validate, self.engine.lease_ttl
+        )
+        if got == "suspended":
+            log.info("flow %s: suspended, waiting for %r", self.lease.flow_id, point.name)
+            raise Suspended(point.name)
+        if got == "expired":
+            log.info("flow %s: expired waiting for %r", self.lease.flow_id, point.name)
+            raise FlowStopped("expired")
+        assert isinstance(got, Checkpoint)
+        self.engine.cache.add(self.lease.flow_id, got)
+        self.history.append(got)
+        log.info("flow %s: signal %r consumed (#%d)", self.lease.flow_id, point.name, got.seq)
+        return got
+
+
+class Engine:
+    """Advances flows: the one entry point the task layer (Celery or threads) calls."""
+
+    def __init__(
+        self,
+        store: CruxStore,
+        cache: StepCache,
+        lookup: Callable[[str], FlowDef],
+        *,
+        lease_ttl: float = 30.0,
+    ) -> None:
+        self.store = store
+        self.cache = cache
+        self.lookup = lookup
+        self.lease_ttl = lease_ttl
+
+    def _owner(self) -> str:
+        return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+
+    def load_history(self, flow_id: str, count: int) -> list[Checkpoint]:
+        """The first ``count`` checkpoints: one cache round trip, the record on a miss."""
+        if count == 0:
+            return []
+        cached = self.cache.load(flow_id)
+        if len(cached) >= count and all(i in cached for i in range(count)):
+            return [cached[i] for i in range(count)]
+        cps = self.store.load_checkpoints(flow_id)
+        self.cache.fill(flow_id, cps)
+        return cps
+
+    def advance(self, flow_id: str) -> Advance:
+        """Claim the flow and run its handler until it suspends or finishes."""
+        claimed = self.store.claim(flow_id, self._owner(), self.lease_ttl)
+        if not isinstance(claimed, Claimed):
+            if claimed.reason == "busy":
+                return Advance("busy", retry_after=claimed.retry_after)
+            if claimed.reason == "missing":
+                log.warning("flow %s: no such flow; message dropped", flow_id)
+            return Advance("noop")
+        lease = claimed.lease
+        try:
+            defn = self.lookup(claimed.name)
+        except UnknownFlow:
+            log.error(
+                "flow %s: flow %r is not registered in this worker (missing --import?); "
+                "lease released for another worker",
+                flow_id,
+                claimed.name,
+            )
+            self.store.release(lease)
+            raise
+        history = self.load_history(flow_id, claimed.next_seq)
+        execution = Execution(self, claimed, history)
+        try:
+            try:
+                flow_input = defn.input_model.model_validate_json(claimed.input)
+            except ValidationError as exc:
+                raise CruxError(
+                    f"stored input no longer fits {defn.input_model.__name__}: {exc}"
+                ) from None
+            ctx: FlowContext[Any] = FlowContext(execution, flow_id, flow_input)
+            if claimed.next_seq == 0:
+                log.info("flow %s (%s): started", flow_id, defn.name)
+            else:
+                log.info("flow %s (%s): resumed at checkpoint %d", flow_id, defn.name, len(history))
+            value = defn.fn(ctx)
+            try:
+                result = _json.dumps(value)
+            except (TypeError, ValueError) as exc:
+                raise CruxError(
+                    f"the flow's return value cannot be stored as JSON: {exc}"
+                ) from None
+            self.store.finish(lease, "completed", result=result)
+            self.cache.drop(flow_id)
+            log.info("flow %s: completed", flow_id)
+            return Advance("completed", steps_run=execution.steps_run)
+        except Suspended:
+            return Advance("suspended", steps_run=execution.steps_run)
+        except FlowStopped as stop:
+            self.cache.drop(flow_id)
+            return Advance("expired" if str(stop) == "expired" else "noop")
+        except LeaseLost as exc:
+            log.warning("flow %s: %s; this execution stops without writing", flow_id, exc)
+            return Advance("lost", steps_run=execution.steps_run)
+        except CruxError as exc:
+            if isinstance(exc, StepFailed) or not _is_infrastructure(exc):
+                return self._fail(execution, exc)
+            raise
+        except Exception as exc:
+            return self._fail(execution, exc)
+
+    def _fail(self, execution: Execution, exc: BaseException) -> Advance:
+        log.warning("flow %s: failed: %s", execution.lease.flow_id, exc)
+        try:
+            self.store.finish(execution.lease, "failed", error=error_json(exc))
+        except LeaseLost:
+            return Advance("lost", steps_run=execution.steps_run)
+        self.cache.drop(execution.lease.flow_id)
+        return Advance("failed", steps_run=execution.steps_run)
+
+
+def _is_infrastructure(exc: CruxError) -> bool:
+    """Errors of the record itself: the execution is abandoned, not the flow failed."""
+    from .errors import StoreError
+
+    return isinstance(exc, StoreError)

@@ -1,0 +1,93 @@
+"""The one settings model: read from ``CRUX_*`` environment variables or passed in."""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated, Any
+
+from pydantic import BeforeValidator, Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from ._durations import parse_duration
+from .errors import ConfigurationError
+
+Seconds = Annotated[float, BeforeValidator(lambda v: parse_duration(v, what="setting"))]
+
+ENV_PREFIX = "CRUX_"
+
+
+class Settings(BaseSettings):
+    """Configuration of one crux_workers app.
+
+    With ``database_url`` unset the app runs on the *embedded default*: a SQLite
+    record under ``.crux/`` and flows executed on threads of the calling process,
+    no servers needed. With a Postgres URL and a Redis URL it runs on Celery.
+    """
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
+
+    database_url: str | None = Field(
+        default=None,
+        description="postgresql+psycopg://... or sqlite:///...; unset: embedded SQLite",
+    )
+    redis_url: str | None = Field(default=None, description="step cache (and default broker)")
+    broker_url: str | None = Field(default=None, description="Celery broker; default redis_url")
+    redis_prefix: str = Field(default="crux", min_length=1, description="prefix of cache keys")
+    queue: str = Field(default="crux", min_length=1, description="queue of flow tasks")
+    lease_ttl: Seconds = Field(default=30.0, description="an executor's lease, renewed while alive")
+    visibility_timeout: Seconds = Field(
+        default=3600.0, description="Redis broker redelivery of unacknowledged messages"
+    )
+    embedded_threads: int = Field(default=4, ge=1, le=64, description="embedded executor threads")
+    auto_migrate: bool = Field(default=True, description="bring the schema to head on first use")
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.database_url is not None and not self.database_url.startswith(
+            ("postgresql", "sqlite")
+        ):
+            raise ValueError("database_url must be a postgresql+psycopg:// or sqlite:/// URL")
+        if self.broker_url and not self.database_url:
+            raise ValueError("a broker needs a shared database: set CRUX_DATABASE_URL too")
+        return self
+
+    @property
+    def embedded(self) -> bool:
+        """True when no broker is configured: flows run on local threads."""
+        return self.effective_broker_url is None
+
+    @property
+    def effective_broker_url(self) -> str | None:
+        """The broker URL in use: ``broker_url``, else ``redis_url``."""
+        return self.broker_url or self.redis_url
+
+    @property
+    def effective_database_url(self) -> str:
+        """The database URL in use; the embedded SQLite file when none is set."""
+        return self.database_url or "sqlite:///.crux/crux.db"
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> Settings:
+        """Read ``CRUX_*`` variables; unknown ``CRUX_*`` names are refused, not ignored."""
+        known = {ENV_PREFIX + name.upper() for name in cls.model_fields}
+        unknown = sorted(k for k in os.environ if k.startswith(ENV_PREFIX) and k not in known)
+        if unknown:
+            raise ConfigurationError(
+                f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
+        try:
+            return cls(**overrides)
+        except ValidationError as exc:
+            raise ConfigurationError(f"invalid crux_workers settings: {exc}") from exc
+
+
+def redact(url: str | None) -> str:
+    """The URL with its password replaced, for messages and logs."""
+    if not url:
+        return "<unset>"
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url.split("@")[-1]

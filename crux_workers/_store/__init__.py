@@ -1,0 +1,1 @@
+"""Durable record and step cache behind small protocols the engine talks to."""

@@ -1,0 +1,289 @@
+"""``CruxStore`` in memory: the reference for unit tests of the engine.
+
+It keeps the same contract as the SQL store (the contract suite runs against
+both); one lock stands in for the row locks and transactions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import Any
+
+from .._models import TERMINAL
+from ..errors import FlowNotFound, FlowNotWaiting, LeaseLost, StoreError
+from ._sql import utcnow
+from ._types import (
+    Checkpoint,
+    Claimed,
+    FlowRow,
+    Lease,
+    NotClaimed,
+    SignalResult,
+    SignalRow,
+    StepRow,
+    SuspendOutcome,
+    Suspension,
+    Validator,
+)
+
+
+@dataclasses.dataclass
+class _Flow:
+    id: str
+    name: str
+    status: str
+    input: str
+    created_at: datetime
+    updated_at: datetime
+    result: str | None = None
+    error: str | None = None
+    cancel_reason: str | None = None
+    waiting_on: str | None = None
+    deadline: datetime | None = None
+    wake_at: datetime | None = None
+    wake_kind: str | None = None
+    lease_owner: str | None = None
+    lease_until: datetime | None = None
+    epoch: int = 0
+    next_seq: int = 0
+    runs: int = 0
+    finished_at: datetime | None = None
+    steps: list[StepRow] = dataclasses.field(default_factory=list)
+    signals: list[SignalRow] = dataclasses.field(default_factory=list)
+
+
+class MemoryStore:
+    """``CruxStore`` in a dict under one lock."""
+
+    def __init__(self, clock: Callable[[], datetime] = utcnow) -> None:
+        self._flows: dict[str, _Flow] = {}
+        self._lock = threading.RLock()
+        self._now = clock
+        self._signal_ids = 0
+        self.commits = 0
+
+    def _get(self, flow_id: str) -> _Flow:
+        flow = self._flows.get(flow_id)
+        if flow is None:
+            raise FlowNotFound(f"no flow {flow_id!r}", flow_id=flow_id)
+        return flow
+
+    def _fenced(self, lease: Lease) -> _Flow:
+        flow = self._flows.get(lease.flow_id)
+        if flow is None or flow.epoch != lease.epoch or flow.status != "running":
+            raise LeaseLost(f"flow {lease.flow_id}: epoch {lease.epoch} no longer holds the lease")
+        return flow
+
+    def create_flow(self, flow_id: str, name: str, input_json: str) -> tuple[FlowRow, bool]:
+        """Insert a pending flow, or return the existing row."""
+        with self._lock:
+            if flow_id in self._flows:
+                return self._row(self._flows[flow_id], details=False), False
+            now = self._now()
+            flow = _Flow(flow_id, name, "pending", input_json, now, now, wake_at=now)
+            flow.wake_kind = "run"
+            self._flows[flow_id] = flow
+            return self._row(flow, details=False), True
+
+    def claim(self, flow_id: str, owner: str, ttl: float) -> Claimed | NotClaimed:
+        """Take the lease if it is free and the flow has something to do."""
+        with self._lock:
+            now = self._now()
+            flow = self._flows.get(flow_id)
+            if flow is None:
+                return NotClaimed("missing")
+            if flow.status in TERMINAL:
+                return NotClaimed("finished")
+            if flow.lease_owner is not None and flow.lease_until and flow.lease_until >= now:
+                return NotClaimed("busy", (flow.lease_until - now).total_seconds())
+            due = flow.status in ("pending", "running") or (
+                flow.wake_kind == "run" or (flow.wake_at is not None and flow.wake_at <= now)
+            )
+            if not due:
+                return NotClaimed("idle")
+            flow.status = "running"
+            flow.lease_owner, flow.lease_until = owner, now + timedelta(seconds=ttl)
+            flow.epoch += 1
+            flow.runs += 1
+            flow.wake_at = flow.wake_kind = None
+            flow.updated_at = now
+            return Claimed(
+                Lease(flow_id, owner, flow.epoch),
+                flow.name,
+                flow.input,
+                flow.next_seq,
+                waiting_on=flow.waiting_on,
+                deadline=flow.deadline,
+                cancel_requested=flow.cancel_reason is not None,
+            )
+
+    def renew(self, lease: Lease, ttl: float) -> bool:
+        """Extend the lease; False when it was lost."""
+        with self._lock:
+            try:
+                flow = self._fenced(lease)
+            except LeaseLost:
+                return False
+            flow.lease_until = self._now() + timedelta(seconds=ttl)
+            return True
+
+    def release(self, lease: Lease) -> None:
+        """Give the lease up without changing the flow."""
+        with self._lock:
+            try:
+                flow = self._fenced(lease)
+            except LeaseLost:
+                return
+            flow.lease_owner = flow.lease_until = None
+            flow.wake_at, flow.wake_kind = self._now(), "run"
+
+    def load_checkpoints(self, flow_id: str) -> list[Checkpoint]:
+        """All committed checkpoints of the flow, in sequence order."""
+        with self._lock:
+            flow = self._flows.get(flow_id)
+            rows = list(flow.steps) if flow else []
+        return [Checkpoint(r.seq, r.kind, r.name, r.occurrence, r.result) for r in rows]
+
+    def _touch(self, lease: Lease, ttl: float) -> _Flow:
+        flow = self._fenced(lease)
+        now = self._now()
+        flow.lease_until = now + timedelta(seconds=ttl)
+        flow.updated_at = now
+        return flow
+
+    def _insert_step(
+        self, flow: _Flow, cp: Checkpoint, started_at: datetime | None, attempts: int
+    ) -> None:
+        if any(
+            s.seq == cp.seq or (s.name, s.occurrence) == (cp.name, cp.occurrence)
+            for s in flow.steps
+        ):
+            raise StoreError(f"checkpoint {cp.seq} of flow {flow.id} exists already")
+        flow.steps.append(
+            StepRow(
+                cp.seq,
+                cp.kind,
+                cp.name,
+                cp.occurrence,
+                cp.result,
+                attempts,
+                started_at,
+                self._now(),
+            )
+        )
+        flow.next_seq = cp.seq + 1
+        self.commits += 1
+
+    def commit_checkpoint(
+        self, lease: Lease, cp: Checkpoint, *, started_at: datetime, attempts: int, ttl: float
+    ) -> None:
+        """Commit a checkpoint if ``lease`` still holds."""
+        with self._lock:
+            flow = self._touch(lease, ttl)
+            self._insert_step(flow, cp, started_at, attempts)
+
+    def take_signal_or_suspend(
+        self, lease: Lease, point: Suspension, validate: Validator, ttl: float
+    ) -> Checkpoint | SuspendOutcome:
+        """Consume the oldest valid pending signal of that name as a checkpoint, or suspend."""
+        with self._lock:
+            flow = self._touch(lease, ttl)
+            for i, sig in enumerate(flow.signals):
+                if sig.name != point.name or sig.status != "pending":
+                    continue
+                try:
+                    result = validate(sig.payload)
+                except ValueError as exc:
+                    flow.signals[i] = dataclasses.replace(
+                        sig, status="rejected", error=str(exc), consumed_at=self._now()
+                    )
+                    continue
+                flow.signals[i] = dataclasses.replace(
+                    sig, status="consumed", consumed_seq=point.seq, consumed_at=self._now()
+                )
+                cp = Checkpoint(point.seq, "suspend", point.name, point.occurrence, result)
+                self._insert_step(flow, cp, None, 1)
+                flow.waiting_on = flow.deadline = None
+                return cp
+            now = self._now()
+            if point.deadline is not None and point.deadline <= now:
+                flow.status, flow.finished_at = "expired", now
+                flow.lease_owner = flow.lease_until = flow.wake_at = flow.wake_kind = None
+                flow.waiting_on = flow.deadline = None
+                return "expired"
+            flow.status = "suspended"
+            flow.waiting_on, flow.deadline = point.name, point.deadline
+            flow.wake_at = point.deadline
+            flow.wake_kind = "expire" if point.deadline is not None else None
+            flow.lease_owner = flow.lease_until = None
+            return "suspended"
+
+    def finish(
+        self, lease: Lease, status: str, *, result: str | None = None, error: str | None = None
+    ) -> None:
+        """End the flow with a terminal status if ``lease`` still holds."""
+        with self._lock:
+            flow = self._fenced(lease)
+            now = self._now()
+            flow.status, flow.result, flow.error = status, result, error
+            flow.finished_at = flow.updated_at = now
+            flow.lease_owner = flow.lease_until = flow.wake_at = flow.wake_kind = None
+            flow.waiting_on = flow.deadline = None
+
+    def record_signal(self, flow_id: str, name: str, payload: str, key: str | None) -> SignalResult:
+        """Durably record a signal; raise ``FlowNotFound`` or ``FlowNotWaiting``."""
+        with self._lock:
+            flow = self._get(flow_id)
+            if key is not None:
+                for sig in flow.signals:
+                    if sig.key == key:
+                        return SignalResult(sig.id, flow.name, duplicate=True, wake=False)
+            if flow.status in TERMINAL:
+                raise FlowNotWaiting(
+                    f"flow {flow_id!r} is {flow.status}; signal {name!r} refused",
+                    flow_id=flow_id,
+                    status=flow.status,
+                    signal=name,
+                )
+            self._signal_ids += 1
+            now = self._now()
+            flow.signals.append(
+                SignalRow(self._signal_ids, name, payload, key, "pending", None, None, now, None)
+            )
+            wake = flow.status == "suspended" and flow.waiting_on == name
+            if wake:
+                flow.wake_at, flow.wake_kind = now, "run"
+            return SignalResult(self._signal_ids, flow.name, duplicate=False, wake=wake)
+
+    def request_resume(self, flow_id: str) -> str:
+        """Mark a suspended flow as due now; return its flow name."""
+        with self._lock:
+            flow = self._get(flow_id)
+            if flow.status in TERMINAL:
+                raise FlowNotWaiting(
+                    f"flow {flow_id!r} is {flow.status}", flow_id=flow_id, status=flow.status
+                )
+            if flow.status == "suspended":
+                flow.wake_at, flow.wake_kind = self._now(), "run"
+            return flow.name
+
+    def get_flow(self, flow_id: str, *, details: bool = True) -> FlowRow:
+        """The flow's row, with steps and signals when ``details``."""
+        with self._lock:
+            return self._row(self._get(flow_id), details=details)
+
+    def _row(self, f: _Flow, *, details: bool) -> FlowRow:
+        fields: dict[str, Any] = {
+            k.name: getattr(f, k.name)
+            for k in dataclasses.fields(FlowRow)
+            if k.name not in ("steps", "signals")
+        }
+        if details:
+            fields["steps"], fields["signals"] = list(f.steps), list(f.signals)
+        return FlowRow(**fields)
+
+    def close(self) -> None:
+        """Nothing to release."""

@@ -1,0 +1,85 @@
+"""The durable record's tables, as SQLAlchemy Core metadata (the migrations match it)."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+metadata = MetaData()
+
+# SQLite only autoincrements INTEGER PRIMARY KEY columns.
+_BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+flows = Table(
+    "crux_flows",
+    metadata,
+    Column("id", String(200), primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("input", Text, nullable=False),
+    Column("result", Text),
+    Column("error", Text),
+    Column("cancel_reason", Text),
+    Column("waiting_on", String(200)),
+    Column("deadline", DateTime(timezone=True)),
+    # The outbox marker: when the sweeper must act on this flow, and why.
+    Column("wake_at", DateTime(timezone=True)),
+    Column("wake_kind", String(16)),
+    Column("lease_owner", String(200)),
+    Column("lease_until", DateTime(timezone=True)),
+    Column("epoch", BigInteger, nullable=False, server_default="0"),
+    Column("next_seq", Integer, nullable=False, server_default="0"),
+    Column("runs", Integer, nullable=False, server_default="0"),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("finished_at", DateTime(timezone=True)),
+    Index("ix_crux_flows_name_status", "name", "status"),
+    Index("ix_crux_flows_status", "status"),
+    Index("ix_crux_flows_wake_at", "wake_at"),
+)
+
+steps = Table(
+    "crux_steps",
+    metadata,
+    Column(
+        "flow_id", String(200), ForeignKey("crux_flows.id", ondelete="CASCADE"), primary_key=True
+    ),
+    Column("seq", Integer, primary_key=True),
+    Column("kind", String(16), nullable=False),
+    Column("name", String(200), nullable=False),
+    Column("occurrence", Integer, nullable=False),
+    Column("result", Text, nullable=False),
+    Column("attempts", Integer, nullable=False, server_default="1"),
+    Column("epoch", BigInteger, nullable=False),
+    Column("started_at", DateTime(timezone=True)),
+    Column("completed_at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("flow_id", "name", "occurrence", name="uq_crux_steps_name_occurrence"),
+)
+
+signals = Table(
+    "crux_signals",
+    metadata,
+    Column("id", _BigId, primary_key=True, autoincrement=True),
+    Column("flow_id", String(200), ForeignKey("crux_flows.id", ondelete="CASCADE"), nullable=False),
+    Column("name", String(200), nullable=False),
+    Column("payload", Text, nullable=False),
+    Column("key", String(200)),
+    Column("status", String(16), nullable=False),
+    Column("error", Text),
+    Column("consumed_seq", Integer),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("consumed_at", DateTime(timezone=True)),
+    UniqueConstraint("flow_id", "key", name="uq_crux_signals_key"),
+    Index("ix_crux_signals_pending", "flow_id", "name", "status", "id"),
+)

@@ -1,0 +1,520 @@
+"""The durable record on SQLAlchemy Core: PostgreSQL in production, SQLite embedded.
+
+Every write an executor makes starts with a fenced ``UPDATE crux_flows ... WHERE
+epoch = :epoch``. That statement takes the flow's row lock, so it also orders the
+write against signals (which lock the same row first) and against a new claim
+(which bumps the epoch): a stale executor's write matches no row and is refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import (
+    Connection,
+    Engine,
+    and_,
+    create_engine,
+    event,
+    insert,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+from .._models import TERMINAL
+from .._settings import redact
+from ..errors import FlowNotFound, FlowNotWaiting, LeaseLost, StoreError
+from ._schema import flows, signals, steps
+from ._types import (
+    Checkpoint,
+    Claimed,
+    FlowRow,
+    Lease,
+    NotClaimed,
+    SignalResult,
+    SignalRow,
+    StepRow,
+    SuspendOutcome,
+    Suspension,
+    Validator,
+)
+
+ACTIVE = ("pending", "running", "suspended")
+# What a finished flow no longer has.
+_NO_LEASE: dict[str, Any] = {
+    "lease_owner": None,
+    "lease_until": None,
+    "wake_at": None,
+    "wake_kind": None,
+    "waiting_on": None,
+    "deadline": None,
+}
+_SIGNAL_BATCH = 50
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware UTC."""
+    return datetime.now(UTC)
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    # SQLite hands back naive datetimes; everything crux stores is UTC.
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
+def make_engine(url: str) -> Engine:
+    """An engine tuned for the record: SQLite serialised with BEGIN IMMEDIATE."""
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _connect(dbapi_conn: Any, _record: Any) -> None:
+            # Take transaction control from pysqlite so BEGIN IMMEDIATE below applies:
+            # deferred transactions that upgrade to writes deadlock under threads.
+            dbapi_conn.isolation_level = None
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _begin(conn: Connection) -> None:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+        return engine
+    return create_engine(url, pool_size=10, max_overflow=20, pool_recycle=1800)
+
+
+class SqlStore:
+    """``CruxStore`` on PostgreSQL or SQLite."""
+
+    def __init__(
+        self, url: str, *, engine: Engine | None = None, clock: Callable[[], datetime] = utcnow
+    ) -> None:
+        self.url = url
+        self._engine = engine or make_engine(url)
+        self._now = clock
+        self._sqlite = self._engine.dialect.name == "sqlite"
+
+    # -- plumbing ---------------------------------------------------------------
+
+    @contextmanager
+    def _tx(self) -> Iterator[Connection]:
+        try:
+            with self._engine.begin() as conn:
+                yield conn
+        except sa_exc.DBAPIError as exc:
+            raise StoreError(
+                f"database error on {redact(self.url)}: {exc.orig!r}",
+                url=redact(self.url),
+                connection_invalidated=bool(exc.connection_invalidated),
+            ) from exc
+
+    def _insert(self, table: Any) -> Any:
+        return sqlite_insert(table) if self._sqlite else pg_insert(table)
+
+    @property
+    def engine(self) -> Engine:
+        """The SQLAlchemy engine, for migrations and tests."""
+        return self._engine
+
+    def close(self) -> None:
+        """Release connections."""
+        self._engine.dispose()
+
+    # -- flows ------------------------------------------------------------------
+
+    def create_flow(self, flow_id: str, name: str, input_json: str) -> tuple[FlowRow, bool]:
+        """Insert a pending flow, or return the existing row; the bool says if created."""
+        now = self._now()
+        stmt = (
+            self._insert(flows)
+            .values(
+                id=flow_id,
+                name=name,
+                status="pending",
+                input=input_json,
+                wake_at=now,
+                wake_kind="run",
+                epoch=0,
+                next_seq=0,
+                runs=0,
+                created_at=now,
+                updated_at=now,
+            )
+            .on_conflict_do_nothing(index_elements=["id"])
+        )
+        with self._tx() as conn:
+            created = conn.execute(stmt).rowcount == 1
+            row = conn.execute(select(flows).where(flows.c.id == flow_id)).one()
+        return self._flow_row(row), created
+
+    def claim(self, flow_id: str, owner: str, ttl: float) -> Claimed | NotClaimed:
+        """Take the lease if it is free and the flow has something to do."""
+        now = self._now()
+        c = flows.c
+        due = or_(
+            c.status.in_(("pending", "running")),
+            and_(c.status == "suspended", or_(c.wake_kind == "run", c.wake_at <= now)),
+        )
+        stmt = (
+            update(flows)
+            .where(c.id == flow_id, due, or_(c.lease_owner.is_(None), c.lease_until < now))
+            .values(
+                status="running",
+                lease_owner=owner,
+                lease_until=now + timedelta(seconds=ttl),
+                epoch=c.epoch + 1,
+                runs=c.runs + 1,
+                wake_at=None,
+                wake_kind=None,
+                updated_at=now,
+            )
+            .returning(
+                c.epoch, c.name, c.input, c.next_seq, c.waiting_on, c.deadline, c.cancel_reason
+            )
+        )
+        with self._tx() as conn:
+            got = conn.execute(stmt).first()
+            if got is None:
+                row = conn.execute(
+                    select(c.status, c.lease_owner, c.lease_until).where(c.id == flow_id)
+                ).first()
+        if got is not None:
+            return Claimed(
+                lease=Lease(flow_id, owner, int(got.epoch)),
+                name=got.name,
+                input=got.input,
+                next_seq=int(got.next_seq),
+                waiting_on=got.waiting_on,
+                deadline=_aware(got.deadline),
+                cancel_requested=got.cancel_reason is not None,
+            )
+        if row is None:
+            return NotClaimed("missing")
+        if row.status in TERMINAL:
+            return NotClaimed("finished")
+        until = _aware(row.lease_until)
+        if row.lease_owner is not None and until is not None and until >= now:
+            return NotClaimed("busy", retry_after=(until - now).total_seconds())
+        return NotClaimed("idle")
+
+    def renew(self, lease: Lease, ttl: float) -> bool:
+        """Extend the lease; False when it was lost."""
+        now = self._now()
+        with self._tx() as conn:
+            return (
+                conn.execute(
+                    update(flows)
+                    .where(*self._fence(lease))
+                    .values(lease_until=now + timedelta(seconds=ttl))
+                ).rowcount
+                == 1
+            )
+
+    def release(self, lease: Lease) -> None:
+        """Give the lease up without changing the flow, so the next claim need not wait."""
+        with self._tx() as conn:
+            conn.execute(
+                update(flows)
+                .where(*self._fence(lease))
+                .values(lease_owner=None, lease_until=None, wake_at=self._now(), wake_kind="run")
+            )
+
+    @staticmethod
+    def _fence(lease: Lease) -> tuple[Any, ...]:
+        return (
+            flows.c.id == lease.flow_id,
+            flows.c.epoch == lease.epoch,
+            flows.c.status == "running",
+        )
+
+    def _touch(self, conn: Connection, lease: Lease, ttl: float, **values: Any) -> None:
+        now = self._now()
+        got = conn.execute(
+            update(flows)
+            .where(*self._fence(lease))
+            .values(lease_until=now + timedelta(seconds=ttl), updated_at=now, **values)
+        ).rowcount
+        if got != 1:
+            raise LeaseLost(f"flow {lease.flow_id}: epoch {lease.epoch} no longer holds the lease")
+
+    # -- checkpoints --------------------------------------------------------------
+
+    def load_checkpoints(self, flow_id: str) -> list[Checkpoint]:
+        """All committed checkpoints of the flow, in sequence order."""
+        c = steps.c
+        with self._tx() as conn:
+            rows = conn.execute(
+                select(c.seq, c.kind, c.name, c.occurrence, c.result)
+                .where(c.flow_id == flow_id)
+                .order_by(c.seq)
+            ).all()
+        return [Checkpoint(r.seq, r.kind, r.name, r.occurrence, r.result) for r in rows]
+
+    def commit_checkpoint(
+        self, lease: Lease, cp: Checkpoint, *, started_at: datetime, attempts: int, ttl: float
+    ) -> None:
+        """Commit a checkpoint if ``lease`` still holds; raise ``LeaseLost`` otherwise."""
+        with self._tx() as conn:
+            self._touch(conn, lease, ttl, next_seq=cp.seq + 1)
+            self._insert_step(conn, lease, cp, started_at=started_at, attempts=attempts)
+
+    def _insert_step(
+        self,
+        conn: Connection,
+        lease: Lease,
+        cp: Checkpoint,
+        *,
+        started_at: datetime | None,
+        attempts: int,
+    ) -> None:
+        conn.execute(
+            insert(steps).values(
+                flow_id=lease.flow_id,
+                seq=cp.seq,
+                kind=cp.kind,
+                name=cp.name,
+                occurrence=cp.occurrence,
+                result=cp.result,
+                attempts=attempts,
+                epoch=lease.epoch,
+                started_at=started_at,
+                completed_at=self._now(),
+            )
+        )
+
+    def take_signal_or_suspend(
+        self, lease: Lease, point: Suspension, validate: Validator, ttl: float
+    ) -> Checkpoint | SuspendOutcome:
+        """Consume the oldest valid pending signal of that name as a checkpoint, or suspend."""
+        s = signals.c
+        with self._tx() as conn:
+            self._touch(conn, lease, ttl)
+            while True:
+                pending = conn.execute(
+                    select(s.id, s.payload)
+                    .where(s.flow_id == lease.flow_id, s.name == point.name, s.status == "pending")
+                    .order_by(s.id)
+                    .limit(_SIGNAL_BATCH)
+                ).all()
+                if not pending:
+                    break
+                for sig in pending:
+                    try:
+                        result = validate(sig.payload)
+                    except ValueError as exc:
+                        conn.execute(
+                            update(signals)
+                            .where(s.id == sig.id)
+                            .values(status="rejected", error=str(exc), consumed_at=self._now())
+                        )
+                        continue
+                    cp = Checkpoint(point.seq, "suspend", point.name, point.occurrence, result)
+                    conn.execute(
+                        update(signals)
+                        .where(s.id == sig.id)
+                        .values(status="consumed", consumed_seq=point.seq, consumed_at=self._now())
+                    )
+                    conn.execute(
+                        update(flows)
+                        .where(flows.c.id == lease.flow_id)
+                        .values(next_seq=point.seq + 1, waiting_on=None, deadline=None)
+                    )
+                    self._insert_step(conn, lease, cp, started_at=None, attempts=1)
+                    return cp
+            now = self._now()
+            if point.deadline is not None and point.deadline <= now:
+                conn.execute(
+                    update(flows)
+                    .where(flows.c.id == lease.flow_id)
+                    .values(status="expired", finished_at=now, **_NO_LEASE)
+                )
+                return "expired"
+            conn.execute(
+                update(flows)
+                .where(flows.c.id == lease.flow_id)
+                .values(
+                    status="suspended",
+                    waiting_on=point.name,
+                    deadline=point.deadline,
+                    wake_at=point.deadline,
+                    wake_kind="expire" if point.deadline is not None else None,
+                    lease_owner=None,
+                    lease_until=None,
+                )
+            )
+        return "suspended"
+
+    def finish(
+        self, lease: Lease, status: str, *, result: str | None = None, error: str | None = None
+    ) -> None:
+        """End the flow with a terminal status if ``lease`` still holds."""
+        now = self._now()
+        with self._tx() as conn:
+            got = conn.execute(
+                update(flows)
+                .where(*self._fence(lease))
+                .values(
+                    status=status,
+                    result=result,
+                    error=error,
+                    finished_at=now,
+                    updated_at=now,
+                    **_NO_LEASE,
+                )
+            ).rowcount
+        if got != 1:
+            raise LeaseLost(f"flow {lease.flow_id}: epoch {lease.epoch} no longer holds the lease")
+
+    # -- signals ------------------------------------------------------------------
+
+    def record_signal(self, flow_id: str, name: str, payload: str, key: str | None) -> SignalResult:
+        """Durably record a signal; raise ``FlowNotFound`` or ``FlowNotWaiting``."""
+        c, s = flows.c, signals.c
+        now = self._now()
+        try:
+            with self._tx() as conn:
+                # Lock the flow row first: signals then commit in the order of their ids,
+                # and a suspend in progress either sees this signal or is seen by it.
+                row = conn.execute(
+                    select(c.status, c.name, c.waiting_on).where(c.id == flow_id).with_for_update()
+                ).first()
+                if row is None:
+                    raise FlowNotFound(f"no flow {flow_id!r}", flow_id=flow_id)
+                if key is not None:
+                    dup = conn.execute(
+                        select(s.id).where(s.flow_id == flow_id, s.key == key)
+                    ).scalar()
+                    if dup is not None:
+                        return SignalResult(int(dup), row.name, duplicate=True, wake=False)
+                if row.status in TERMINAL:
+                    raise FlowNotWaiting(
+                        f"flow {flow_id!r} is {row.status}; signal {name!r} refused",
+                        flow_id=flow_id,
+                        status=row.status,
+                        signal=name,
+                    )
+                signal_id = conn.execute(
+                    insert(signals)
+                    .values(
+                        flow_id=flow_id,
+                        name=name,
+                        payload=payload,
+                        key=key,
+                        status="pending",
+                        created_at=now,
+                    )
+                    .returning(s.id)
+                ).scalar_one()
+                wake = row.status == "suspended" and row.waiting_on == name
+                if wake:
+                    conn.execute(
+                        update(flows)
+                        .where(c.id == flow_id)
+                        .values(wake_at=now, wake_kind="run", updated_at=now)
+                    )
+        except StoreError as exc:
+            if isinstance(exc.__cause__, sa_exc.IntegrityError) and key is not None:
+                # Lost a race on the same key in a backend without row locks.
+                return self.record_signal(flow_id, name, payload, key)
+            raise
+        return SignalResult(int(signal_id), row.name, duplicate=False, wake=wake)
+
+    def request_resume(self, flow_id: str) -> str:
+        """Mark a suspended flow as due now; return its flow name."""
+        c = flows.c
+        with self._tx() as conn:
+            row = conn.execute(
+                select(c.status, c.name).where(c.id == flow_id).with_for_update()
+            ).first()
+            if row is None:
+                raise FlowNotFound(f"no flow {flow_id!r}", flow_id=flow_id)
+            if row.status in TERMINAL:
+                raise FlowNotWaiting(
+                    f"flow {flow_id!r} is {row.status}", flow_id=flow_id, status=row.status
+                )
+            if row.status == "suspended":
+                conn.execute(
+                    update(flows)
+                    .where(c.id == flow_id)
+                    .values(wake_at=self._now(), wake_kind="run")
+                )
+        return str(row.name)
+
+    # -- reads ----------------------------------------------------------------------
+
+    def get_flow(self, flow_id: str, *, details: bool = True) -> FlowRow:
+        """The flow's row, with steps and signals when ``details``; ``FlowNotFound`` if none."""
+        with self._tx() as conn:
+            row = conn.execute(select(flows).where(flows.c.id == flow_id)).first()
+            if row is None:
+                raise FlowNotFound(f"no flow {flow_id!r}", flow_id=flow_id)
+            if not details:
+                return self._flow_row(row)
+            step_rows = conn.execute(
+                select(steps).where(steps.c.flow_id == flow_id).order_by(steps.c.seq)
+            ).all()
+            signal_rows = conn.execute(
+                select(signals).where(signals.c.flow_id == flow_id).order_by(signals.c.id)
+            ).all()
+        return self._flow_row(
+            row,
+            steps=[
+                StepRow(
+                    r.seq,
+                    r.kind,
+                    r.name,
+                    r.occurrence,
+                    r.result,
+                    r.attempts,
+                    _aware(r.started_at),
+                    _aware(r.completed_at) or self._now(),
+                )
+                for r in step_rows
+            ],
+            signals=[
+                SignalRow(
+                    int(r.id),
+                    r.name,
+                    r.payload,
+                    r.key,
+                    r.status,
+                    r.error,
+                    r.consumed_seq,
+                    _aware(r.created_at) or self._now(),
+                    _aware(r.consumed_at),
+                )
+                for r in signal_rows
+            ],
+        )
+
+    def _flow_row(self, r: Any, **extra: Any) -> FlowRow:
+        return FlowRow(
+            id=r.id,
+            name=r.name,
+            status=r.status,
+            input=r.input,
+            result=r.result,
+            error=r.error,
+            cancel_reason=r.cancel_reason,
+            waiting_on=r.waiting_on,
+            deadline=_aware(r.deadline),
+            wake_at=_aware(r.wake_at),
+            wake_kind=r.wake_kind,
+            epoch=int(r.epoch),
+            created_at=_aware(r.created_at) or self._now(),
+            updated_at=_aware(r.updated_at) or self._now(),
+            finished_at=_aware(r.finished_at),
+            **extra,
+        )

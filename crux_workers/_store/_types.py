@@ -1,0 +1,215 @@
+"""Plain data that crosses the store seam: no SQLAlchemy or Redis types leak out."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Literal, Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """One committed checkpoint; ``result`` is its JSON text."""
+
+    seq: int
+    kind: str
+    name: str
+    occurrence: int
+    result: str
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """The right to advance one flow, fenced by ``epoch``."""
+
+    flow_id: str
+    owner: str
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """A successful claim: the lease, and what the executor needs to replay."""
+
+    lease: Lease
+    name: str
+    input: str
+    next_seq: int
+    waiting_on: str | None = None
+    deadline: datetime | None = None
+    cancel_requested: bool = False
+
+
+SuspendOutcome = Literal["suspended", "expired"]
+
+ClaimRefusal = Literal["missing", "finished", "busy", "idle"]
+
+
+@dataclass(frozen=True, slots=True)
+class NotClaimed:
+    """Why a claim failed; ``retry_after`` is set when the lease is held by someone else."""
+
+    reason: ClaimRefusal
+    retry_after: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StepRow:
+    """A checkpoint as ``get_flow`` shows it."""
+
+    seq: int
+    kind: str
+    name: str
+    occurrence: int
+    result: str
+    attempts: int
+    started_at: datetime | None
+    completed_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class SignalRow:
+    """A recorded signal as ``get_flow`` shows it."""
+
+    id: int
+    name: str
+    payload: str
+    key: str | None
+    status: str
+    error: str | None
+    consumed_seq: int | None
+    created_at: datetime
+    consumed_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class FlowRow:
+    """A flow's row, with its steps and signals when asked for."""
+
+    id: str
+    name: str
+    status: str
+    input: str
+    result: str | None
+    error: str | None
+    cancel_reason: str | None
+    waiting_on: str | None
+    deadline: datetime | None
+    wake_at: datetime | None
+    wake_kind: str | None
+    epoch: int
+    created_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None
+    steps: list[StepRow] = field(default_factory=list)
+    signals: list[SignalRow] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class SignalResult:
+    """What recording a signal did: its id, whether it duplicated a key, whether to wake."""
+
+    signal_id: int
+    flow_name: str
+    duplicate: bool
+    wake: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Suspension:
+    """What a suspend point asks for: the signal name and the deadline, if any."""
+
+    seq: int
+    name: str
+    occurrence: int
+    deadline: datetime | None
+
+
+# Turns a signal payload (JSON text) into the JSON text to checkpoint, or raises
+# ValueError with the reason the payload is rejected.
+Validator = Callable[[str], str]
+
+
+class CruxStore(Protocol):
+    """The durable record. Every write an executor makes is fenced by its lease epoch."""
+
+    def create_flow(self, flow_id: str, name: str, input_json: str) -> tuple[FlowRow, bool]:
+        """Insert a pending flow, or return the existing row; the bool says if created."""
+        ...
+
+    def claim(self, flow_id: str, owner: str, ttl: float) -> Claimed | NotClaimed:
+        """Take the lease if it is free and the flow has something to do."""
+        ...
+
+    def renew(self, lease: Lease, ttl: float) -> bool:
+        """Extend the lease; False when it was lost."""
+        ...
+
+    def release(self, lease: Lease) -> None:
+        """Give the lease up without changing the flow (best effort)."""
+        ...
+
+    def load_checkpoints(self, flow_id: str) -> list[Checkpoint]:
+        """All committed checkpoints of the flow, in sequence order."""
+        ...
+
+    def commit_checkpoint(
+        self, lease: Lease, cp: Checkpoint, *, started_at: datetime, attempts: int, ttl: float
+    ) -> None:
+        """Commit a checkpoint if ``lease`` still holds; raise ``LeaseLost`` otherwise."""
+        ...
+
+    def take_signal_or_suspend(
+        self, lease: Lease, point: Suspension, validate: Validator, ttl: float
+    ) -> Checkpoint | SuspendOutcome:
+        """Consume the oldest valid pending signal of that name as a checkpoint, or suspend.
+
+        One transaction under the flow's row lock, so a signal committed before it is
+        seen, and one committed after it finds the flow suspended and wakes it.
+        Without a valid signal: "suspended" (lease released), or "expired" when the
+        point's deadline has passed (the flow is finished).
+        """
+        ...
+
+    def finish(
+        self, lease: Lease, status: str, *, result: str | None = None, error: str | None = None
+    ) -> None:
+        """End the flow with a terminal status if ``lease`` still holds."""
+        ...
+
+    def record_signal(self, flow_id: str, name: str, payload: str, key: str | None) -> SignalResult:
+        """Durably record a signal; raise ``FlowNotFound`` or ``FlowNotWaiting``."""
+        ...
+
+    def request_resume(self, flow_id: str) -> str:
+        """Mark a suspended flow as due now; return its flow name."""
+        ...
+
+    def get_flow(self, flow_id: str, *, details: bool = True) -> FlowRow:
+        """The flow's row, with steps and signals when ``details``; ``FlowNotFound`` if none."""
+        ...
+
+    def close(self) -> None:
+        """Release connections."""
+        ...
+
+
+class StepCache(Protocol):
+    """A best-effort cache of checkpoints. It may lose anything at any time."""
+
+    def load(self, flow_id: str) -> dict[int, Checkpoint]:
+        """Every cached checkpoint of the flow, in one round trip."""
+        ...
+
+    def add(self, flow_id: str, cp: Checkpoint) -> None:
+        """Cache one freshly committed checkpoint."""
+        ...
+
+    def fill(self, flow_id: str, cps: list[Checkpoint]) -> None:
+        """Cache many checkpoints (after a miss) in one round trip."""
+        ...
+
+    def drop(self, flow_id: str) -> None:
+        """Forget a finished flow."""
+        ...

@@ -1,0 +1,67 @@
+"""The Celery side: the app's configuration and one task per flow.
+
+Every message is a hint to look at the record: the task claims the flow's lease
+in Postgres and replays. Redelivered or duplicated messages are harmless.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from celery import Celery
+
+if TYPE_CHECKING:
+    from ._app import Crux
+    from ._engine import FlowDef
+
+log = logging.getLogger("crux_workers.tasks")
+
+TASK_PREFIX = "crux.flow."
+
+
+def task_name(flow_name: str) -> str:
+    """The Celery task name of a flow."""
+    return TASK_PREFIX + flow_name
+
+
+def make_celery(crux: Crux) -> Celery:
+    """A Celery app configured for durable flows on the Redis broker."""
+    s = crux.settings
+    app = Celery("crux_workers", broker=s.effective_broker_url, set_as_current=False)
+    transport = {
+        # Must exceed the longest task run, and be the same in every process sharing
+        # the broker (the shortest one wins); flows never rely on broker ETA.
+        "visibility_timeout": int(s.visibility_timeout),
+    }
+    app.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        event_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_ignore_result=True,
+        result_backend=None,
+        task_default_queue=s.queue,
+        broker_transport_options=transport,
+        broker_connection_retry_on_startup=True,
+    )
+    for defn in crux.flow_defs():
+        register_flow_task(app, crux, defn)
+    return app
+
+
+def register_flow_task(app: Celery, crux: Crux, defn: FlowDef) -> Any:
+    """Register the task that starts and resumes ``defn``."""
+    name = task_name(defn.name)
+    if name in app.tasks:
+        return app.tasks[name]
+
+    def advance_flow(flow_id: Any) -> None:
+        crux.execute(defn.name, flow_id)
+
+    advance_flow.__name__ = advance_flow.__qualname__ = f"advance_{defn.name}"
+    return app.task(name=name, acks_late=True, reject_on_worker_lost=True)(advance_flow)

@@ -1,0 +1,128 @@
+"""One hierarchy for every error crux_workers raises.
+
+Each exception keeps its structured attributes through pickling (Celery and
+multiprocessing ship exceptions between processes), which is why each defines
+``__reduce__`` over the keyword arguments it was built with.
+
+Control flow that user code must not swallow by accident (a flow suspending,
+an execution losing its lease) derives from ``BaseException``, like
+``KeyboardInterrupt``: a broad ``except Exception`` in a step does not stop it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class CruxError(Exception):
+    """Base class of every crux_workers error."""
+
+    def __init__(self, message: str = "", **attrs: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self._attrs = attrs
+        for name, value in attrs.items():
+            setattr(self, name, value)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (type(self), self.message, self._attrs))
+
+
+def _rebuild(cls: type[CruxError], message: str, attrs: dict[str, Any]) -> CruxError:
+    err = cls.__new__(cls)
+    CruxError.__init__(err, message, **attrs)
+    return err
+
+
+class ConfigurationError(CruxError):
+    """The settings are invalid or incomplete."""
+
+
+class InvalidDuration(CruxError, ValueError):
+    """A duration string or value could not be understood."""
+
+
+class InvalidInput(CruxError, ValueError):
+    """Flow input or a call argument failed validation; nothing was recorded."""
+
+
+class FlowNotFound(CruxError, LookupError):
+    """No flow with this id exists in the record."""
+
+
+class FlowNotWaiting(CruxError):
+    """The flow has finished and accepts no more signals."""
+
+
+class FlowIdConflict(CruxError):
+    """A flow with this id exists already, under another flow name."""
+
+
+class UnknownFlow(CruxError, LookupError):
+    """No flow definition with this name is registered in this process."""
+
+
+class DuplicateFlowName(CruxError):
+    """Two different flow functions were registered under one name."""
+
+
+class NonDeterminismError(CruxError):
+    """A replay asked for checkpoints in a different order than the recorded one."""
+
+
+class StepResultNotSerializable(CruxError, TypeError):
+    """A step returned a value that cannot be stored as JSON."""
+
+
+class StepFailed(CruxError):
+    """A step raised; the original error's type, message and traceback are attached."""
+
+    step: str
+    attempt: int
+    error_type: str
+    error_message: str
+    traceback: str
+    retryable: bool
+
+    @classmethod
+    def from_exception(cls, exc: BaseException, *, step: str, attempt: int) -> StepFailed:
+        """Wrap ``exc`` raised by ``step``, keeping what is needed to report it."""
+        import traceback
+
+        return cls(
+            f"step {step!r} failed on attempt {attempt}: {type(exc).__name__}: {exc}",
+            step=step,
+            attempt=attempt,
+            error_type=f"{type(exc).__module__}.{type(exc).__qualname__}",
+            error_message=str(exc),
+            traceback="".join(traceback.format_exception(exc)),
+            retryable=not isinstance(exc, NonRetryableError),
+        )
+
+
+class NonRetryableError(CruxError):
+    """Raise (or subclass) in a step to fail it at once, skipping remaining retries."""
+
+
+class WaitTimeout(CruxError, TimeoutError):
+    """``FlowRun.wait`` gave up before the flow finished."""
+
+
+class StoreError(CruxError):
+    """The durable record could not be reached or refused an operation."""
+
+
+class ControlFlow(BaseException):
+    """Base of the non-local exits the engine uses; user code must let them pass."""
+
+
+class Suspended(ControlFlow):
+    """The flow checkpointed and ends this execution until something wakes it."""
+
+
+class LeaseLost(ControlFlow):
+    """Another executor took over this flow; this one must stop without writing."""
+
+
+class FlowStopped(ControlFlow):
+    """The flow reached a terminal status (failed, cancelled, expired) mid-execution."""
