@@ -50,6 +50,7 @@ class Crux:
         *,
         store: CruxStore | None = None,
         cache: StepCache | None = None,
+        dispatcher: Dispatcher | None = None,
         **overrides: Any,
     ) -> None:
         if settings is not None and overrides:
@@ -60,7 +61,7 @@ class Crux:
         self._store = store
         self._cache = cache
         self._engine: Engine | None = None
-        self._dispatcher: Dispatcher | None = None
+        self._dispatcher: Dispatcher | None = dispatcher
         self._celery: Celery | None = None
         self._lock = threading.RLock()
 

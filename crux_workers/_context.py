@@ -14,7 +14,6 @@ from collections import Counter
 from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
-from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -204,11 +203,8 @@ class FlowContext(Generic[InputT]):
         timeout_s = parse_duration(timeout, what="suspend timeout") if timeout else None
         seq, occurrence, cp = self._next("suspend", name)
         if cp is None:
-            deadline = self._x.deadline_for(name, timeout_s)
-            validate = _validator(schema)
-            cp = self._x.take_signal_or_suspend(
-                Suspension(seq, name, occurrence, deadline), validate
-            )
+            point = Suspension(seq, name, occurrence, timeout_s)
+            cp = self._x.take_signal_or_suspend(point, _validator(schema))
         payload = _json.loads(cp.result)
         return schema.model_validate(payload) if schema is not None else payload
 
@@ -227,11 +223,6 @@ def _validator(schema: type[BaseModel] | None) -> Callable[[str], str]:
             raise ValueError(str(exc)) from None
 
     return validate
-
-
-def deadline_from(now: datetime, timeout_s: float | None) -> datetime | None:
-    """The deadline of a suspend reached at ``now``."""
-    return None if timeout_s is None else now + timedelta(seconds=timeout_s)
 
 
 __all__ = ["FlowContext", "StepInfo", "Suspended", "current_step"]

@@ -22,9 +22,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ValidationError
 
 from . import _json
-from ._context import FlowContext, deadline_from
+from ._context import FlowContext
 from ._models import ErrorInfo
-from ._store._sql import utcnow
 from ._store._types import Checkpoint, Claimed, CruxStore, Lease, StepCache, Suspension, Validator
 from .errors import (
     CruxError,
@@ -185,12 +184,6 @@ class Execution:
         self.history.append(cp)
         self.steps_run += 1
         log.info("flow %s: step %r committed (#%d)", self.lease.flow_id, cp.name, cp.seq)
-
-    def deadline_for(self, name: str, timeout_s: float | None) -> datetime | None:
-        """Keep the deadline set when this suspend was first reached; else start one now."""
-        if self.claimed.waiting_on == name and self.claimed.deadline is not None:
-            return self.claimed.deadline
-        return deadline_from(utcnow(), timeout_s)
 
     def take_signal_or_suspend(self, point: Suspension, validate: Validator) -> Checkpoint:
         """Consume a waiting signal as the checkpoint, or suspend and end the execution."""

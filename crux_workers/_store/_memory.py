@@ -14,7 +14,7 @@ from typing import Any
 
 from .._models import TERMINAL
 from ..errors import FlowNotFound, FlowNotWaiting, LeaseLost, StoreError
-from ._sql import utcnow
+from ._sql import _deadline, utcnow
 from ._types import (
     Checkpoint,
     Claimed,
@@ -115,8 +115,6 @@ class MemoryStore:
                 flow.name,
                 flow.input,
                 flow.next_seq,
-                waiting_on=flow.waiting_on,
-                deadline=flow.deadline,
                 cancel_requested=flow.cancel_reason is not None,
             )
 
@@ -209,15 +207,16 @@ class MemoryStore:
                 flow.waiting_on = flow.deadline = None
                 return cp
             now = self._now()
-            if point.deadline is not None and point.deadline <= now:
+            deadline = _deadline(point, flow.waiting_on, flow.deadline, now)
+            if deadline is not None and deadline <= now:
                 flow.status, flow.finished_at = "expired", now
                 flow.lease_owner = flow.lease_until = flow.wake_at = flow.wake_kind = None
                 flow.waiting_on = flow.deadline = None
                 return "expired"
             flow.status = "suspended"
-            flow.waiting_on, flow.deadline = point.name, point.deadline
-            flow.wake_at = point.deadline
-            flow.wake_kind = "expire" if point.deadline is not None else None
+            flow.waiting_on, flow.deadline = point.name, deadline
+            flow.wake_at = deadline
+            flow.wake_kind = "expire" if deadline is not None else None
             flow.lease_owner = flow.lease_until = None
             return "suspended"
 

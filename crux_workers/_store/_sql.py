@@ -71,6 +71,15 @@ def _aware(value: datetime | None) -> datetime | None:
     return value
 
 
+def _deadline(
+    point: Suspension, waiting_on: str | None, current: datetime | None, now: datetime
+) -> datetime | None:
+    """Keep the deadline set when this point was first reached; else start one now."""
+    if waiting_on == point.name and current is not None:
+        return current
+    return None if point.timeout is None else now + timedelta(seconds=point.timeout)
+
+
 def make_engine(url: str) -> Engine:
     """An engine tuned for the record: SQLite serialised with BEGIN IMMEDIATE."""
     if url.startswith("sqlite"):
@@ -180,9 +189,7 @@ class SqlStore:
                 wake_kind=None,
                 updated_at=now,
             )
-            .returning(
-                c.epoch, c.name, c.input, c.next_seq, c.waiting_on, c.deadline, c.cancel_reason
-            )
+            .returning(c.epoch, c.name, c.input, c.next_seq, c.cancel_reason)
         )
         with self._tx() as conn:
             got = conn.execute(stmt).first()
@@ -196,8 +203,6 @@ class SqlStore:
                 name=got.name,
                 input=got.input,
                 next_seq=int(got.next_seq),
-                waiting_on=got.waiting_on,
-                deadline=_aware(got.deadline),
                 cancel_requested=got.cancel_reason is not None,
             )
         if row is None:
@@ -239,15 +244,18 @@ class SqlStore:
             flows.c.status == "running",
         )
 
-    def _touch(self, conn: Connection, lease: Lease, ttl: float, **values: Any) -> None:
+    def _touch(self, conn: Connection, lease: Lease, ttl: float, **values: Any) -> Any:
+        """The fenced write every executor transaction starts with; it takes the row lock."""
         now = self._now()
         got = conn.execute(
             update(flows)
             .where(*self._fence(lease))
             .values(lease_until=now + timedelta(seconds=ttl), updated_at=now, **values)
-        ).rowcount
-        if got != 1:
+            .returning(flows.c.waiting_on, flows.c.deadline, flows.c.cancel_reason)
+        ).first()
+        if got is None:
             raise LeaseLost(f"flow {lease.flow_id}: epoch {lease.epoch} no longer holds the lease")
+        return got
 
     # -- checkpoints --------------------------------------------------------------
 
@@ -300,7 +308,7 @@ class SqlStore:
         """Consume the oldest valid pending signal of that name as a checkpoint, or suspend."""
         s = signals.c
         with self._tx() as conn:
-            self._touch(conn, lease, ttl)
+            waiting = self._touch(conn, lease, ttl)
             while True:
                 pending = conn.execute(
                     select(s.id, s.payload)
@@ -334,7 +342,8 @@ class SqlStore:
                     self._insert_step(conn, lease, cp, started_at=None, attempts=1)
                     return cp
             now = self._now()
-            if point.deadline is not None and point.deadline <= now:
+            deadline = _deadline(point, waiting.waiting_on, _aware(waiting.deadline), now)
+            if deadline is not None and deadline <= now:
                 conn.execute(
                     update(flows)
                     .where(flows.c.id == lease.flow_id)
@@ -347,9 +356,9 @@ class SqlStore:
                 .values(
                     status="suspended",
                     waiting_on=point.name,
-                    deadline=point.deadline,
-                    wake_at=point.deadline,
-                    wake_kind="expire" if point.deadline is not None else None,
+                    deadline=deadline,
+                    wake_at=deadline,
+                    wake_kind="expire" if deadline is not None else None,
                     lease_owner=None,
                     lease_until=None,
                 )

@@ -36,8 +36,6 @@ class Claimed:
     name: str
     input: str
     next_seq: int
-    waiting_on: str | None = None
-    deadline: datetime | None = None
     cancel_requested: bool = False
 
 
@@ -118,12 +116,16 @@ class SignalResult:
 
 @dataclass(frozen=True, slots=True)
 class Suspension:
-    """What a suspend point asks for: the signal name and the deadline, if any."""
+    """What a suspend point asks for: the signal name and its timeout, if any.
+
+    The deadline is set when the point is first reached, and kept when the flow
+    comes back to the same point (after a rejected signal or a stray resume).
+    """
 
     seq: int
     name: str
     occurrence: int
-    deadline: datetime | None
+    timeout: float | None
 
 
 # Turns a signal payload (JSON text) into the JSON text to checkpoint, or raises

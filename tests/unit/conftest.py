@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from crux_workers import Crux, Settings
+from crux_workers._store._cache import MemoryStepCache
+from crux_workers._store._memory import MemoryStore
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = datetime(2026, 11, 21, 10, 0, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
+class QueueDispatcher:
+    """Collects enqueued executions; the test drives them one by one."""
+
+    def __init__(self) -> None:
+        self.queue: list[tuple[str, str, float | None]] = []
+
+    def enqueue(self, flow_name: str, flow_id: str, countdown: float | None = None) -> None:
+        self.queue.append((flow_name, flow_id, countdown))
+
+    def close(self) -> None:
+        pass
+
+
+class Harness:
+    def __init__(self) -> None:
+        self.clock = Clock()
+        self.store = MemoryStore(clock=self.clock)
+        self.cache = MemoryStepCache()
+        self.dispatcher = QueueDispatcher()
+        self.app = Crux(
+            Settings(lease_ttl=10),
+            store=self.store,
+            cache=self.cache,
+            dispatcher=self.dispatcher,
+        )
+        self.calls: Counter[str] = Counter()
+
+    def drain(self, limit: int = 100) -> int:
+        """Run queued executions until none is left; returns how many ran."""
+        ran = 0
+        while self.dispatcher.queue:
+            assert ran < limit, "executions keep re-enqueueing"
+            name, flow_id, _ = self.dispatcher.queue.pop(0)
+            self.app.execute(name, flow_id)
+            ran += 1
+        return ran
+
+
+@pytest.fixture
+def h() -> Iterator[Harness]:
+    harness = Harness()
+    yield harness
+    harness.app.close()
