@@ -38,6 +38,10 @@ class Settings(BaseSettings):
     visibility_timeout: Seconds = Field(
         default=3600.0, description="Redis broker redelivery of unacknowledged messages"
     )
+    broker_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="extra kombu transport options (JSON), e.g. unacked_restore_interval",
+    )
     embedded_threads: int = Field(default=4, ge=1, le=64, description="embedded executor threads")
     auto_migrate: bool = Field(default=True, description="bring the schema to head on first use")
 

@@ -33,6 +33,7 @@ def make_celery(crux: Crux) -> Celery:
         # Must exceed the longest task run, and be the same in every process sharing
         # the broker (the shortest one wins); flows never rely on broker ETA.
         "visibility_timeout": int(s.visibility_timeout),
+        **s.broker_options,
     }
     app.conf.update(
         task_serializer="json",

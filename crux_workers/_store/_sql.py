@@ -8,6 +8,8 @@ write against signals (which lock the same row first) and against a new claim
 
 from __future__ import annotations
 
+import os
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -114,6 +116,16 @@ class SqlStore:
         self._engine = engine or make_engine(url)
         self._now = clock
         self._sqlite = self._engine.dialect.name == "sqlite"
+        # A forked child (Celery prefork) must not reuse the parent's pooled connections:
+        # two processes on one socket interleave the protocol.
+        ref = weakref.ref(self)
+
+        def _after_fork() -> None:
+            store = ref()
+            if store is not None:
+                store._engine.dispose(close=False)
+
+        os.register_at_fork(after_in_child=_after_fork)
 
     # -- plumbing ---------------------------------------------------------------
 
@@ -162,9 +174,10 @@ class SqlStore:
                 updated_at=now,
             )
             .on_conflict_do_nothing(index_elements=["id"])
+            .returning(flows.c.id)
         )
         with self._tx() as conn:
-            created = conn.execute(stmt).rowcount == 1
+            created = conn.execute(stmt).first() is not None
             row = conn.execute(select(flows).where(flows.c.id == flow_id)).one()
         return self._flow_row(row), created
 
@@ -218,14 +231,13 @@ class SqlStore:
         """Extend the lease; False when it was lost."""
         now = self._now()
         with self._tx() as conn:
-            return (
-                conn.execute(
-                    update(flows)
-                    .where(*self._fence(lease))
-                    .values(lease_until=now + timedelta(seconds=ttl))
-                ).rowcount
-                == 1
-            )
+            got = conn.execute(
+                update(flows)
+                .where(*self._fence(lease))
+                .values(lease_until=now + timedelta(seconds=ttl))
+                .returning(flows.c.id)
+            ).first()
+        return got is not None
 
     def release(self, lease: Lease) -> None:
         """Give the lease up without changing the flow, so the next claim need not wait."""
@@ -382,8 +394,9 @@ class SqlStore:
                     updated_at=now,
                     **_NO_LEASE,
                 )
-            ).rowcount
-        if got != 1:
+                .returning(flows.c.id)
+            ).first()
+        if got is None:
             raise LeaseLost(f"flow {lease.flow_id}: epoch {lease.epoch} no longer holds the lease")
 
     # -- signals ------------------------------------------------------------------

@@ -1,0 +1,133 @@
+"""Real `crux-workers worker` processes for integration and fault tests."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def fleet_env(pg_url: str, redis_url: str, effects: Path, **extra: str) -> dict[str, str]:
+    """Environment of a worker: the test's database and Redis, short leases, fast redelivery."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CRUX_")}
+    env.update(
+        CRUX_DATABASE_URL=pg_url,
+        CRUX_REDIS_URL=redis_url,
+        CRUX_LEASE_TTL="3s",
+        CRUX_VISIBILITY_TIMEOUT="6s",
+        CRUX_BROKER_OPTIONS='{"unacked_restore_interval": 1, "unacked_restore_throttle": 1}',
+        CRUXTEST_EFFECTS=str(effects),
+        PYTHONPATH=str(REPO),
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(extra)
+    return env
+
+
+class Worker:
+    """One `crux-workers worker` in its own process group."""
+
+    def __init__(
+        self,
+        name: str,
+        env: dict[str, str],
+        log_dir: Path,
+        *,
+        concurrency: int = 1,
+        imports: str = "tests.integration.flows",
+        extra: tuple[str, ...] = (),
+    ) -> None:
+        self.name = name
+        self.log = log_dir / f"{name}.log"
+        cmd = [
+            sys.executable,
+            "-m",
+            "crux_workers",
+            "worker",
+            "--import",
+            imports,
+            "--pool",
+            "prefork",
+            "--concurrency",
+            str(concurrency),
+            "--loglevel",
+            "INFO",
+            "--hostname",
+            f"{name}@%h",
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+            *extra,
+        ]
+        self._log_file = self.log.open("ab")
+        self.proc = subprocess.Popen(
+            cmd,
+            cwd=REPO,
+            env=env,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def wait_ready(self, timeout: float = 30) -> Worker:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker {self.name} exited:\n{self.tail()}")
+            if b"ready." in self.log.read_bytes():
+                return self
+            time.sleep(0.1)
+        raise RuntimeError(f"worker {self.name} not ready in {timeout}s:\n{self.tail()}")
+
+    def tail(self, lines: int = 40) -> str:
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Signal the whole process group (master and pool children)."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, sig)
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+        self._log_file.close()
+
+    def stop(self) -> None:
+        self.kill(signal.SIGTERM)
+
+
+class Effects:
+    """Side effects written by test flows: one line "flow_id step pid" per call."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.touch()
+
+    def lines(self) -> list[tuple[str, str, int]]:
+        out = []
+        for line in self.path.read_text().splitlines():
+            flow_id, step, pid = line.split(" ")
+            out.append((flow_id, step, int(pid)))
+        return out
+
+    def count(self, flow_id: str | None = None) -> Counter[str]:
+        return Counter(s for f, s, _ in self.lines() if flow_id is None or f == flow_id)
+
+    def wait_for(self, step: str, timeout: float = 20) -> tuple[str, str, int]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in self.lines():
+                if line[1] == step:
+                    return line
+            time.sleep(0.02)
+        raise TimeoutError(f"no side effect {step!r} within {timeout}s")
