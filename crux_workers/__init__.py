@@ -13,11 +13,12 @@ from ._models import (
     StepState,
 )
 from ._settings import Settings
-from ._signals import get_flow, signal_flow
+from ._signals import cancel_flow, get_flow, signal_flow
 from .errors import (
     ConfigurationError,
     CruxError,
     DuplicateFlowName,
+    FlowAlreadyFinished,
     FlowIdConflict,
     FlowNotFound,
     FlowNotWaiting,
@@ -46,6 +47,7 @@ __all__ = [
     "flow",
     "set_default_app",
     # signals and state
+    "cancel_flow",
     "get_flow",
     "signal_flow",
     # values
@@ -59,6 +61,7 @@ __all__ = [
     "ConfigurationError",
     "CruxError",
     "DuplicateFlowName",
+    "FlowAlreadyFinished",
     "FlowIdConflict",
     "FlowNotFound",
     "FlowNotWaiting",

@@ -6,6 +6,7 @@ import logging
 import random
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import BaseModel
@@ -36,6 +37,18 @@ log = logging.getLogger("crux_workers")
 M = TypeVar("M", bound=BaseModel)
 
 _MAX_KEY = 200
+_SWEEP_LIMIT = 500
+_SWEEP_BATCHES = 20
+
+
+@dataclass(frozen=True, slots=True)
+class SweepReport:
+    """What one sweep did."""
+
+    tick: int
+    skipped: bool = False
+    expired: int = 0
+    published: int = 0
 
 
 class Crux:
@@ -183,7 +196,10 @@ class Crux:
 
                     if self.settings.embedded:
                         self._dispatcher = ThreadDispatcher(
-                            self.execute, self.settings.embedded_threads
+                            self.execute,
+                            self.settings.embedded_threads,
+                            sweep=self.sweep,
+                            sweep_interval=self.settings.sweep_interval,
                         )
                     else:
                         self._dispatcher = CeleryDispatcher(self._send_task)
@@ -219,7 +235,55 @@ class Crux:
         if outcome.kind == "busy" and outcome.retry_after is not None:
             # Another executor holds the lease: look again once it would have expired.
             self._enqueue_quietly(flow_name, flow_id, outcome.retry_after + 0.1)
+        elif outcome.wake_in is not None and outcome.wake_in <= self._countdown_limit():
+            # A latency shortcut only: the timer is in the record and the sweeper fires
+            # it if this message is lost or redelivered (see docs/time.md).
+            self._enqueue_quietly(flow_name, flow_id, outcome.wake_in + 0.05)
         return outcome
+
+    def _countdown_limit(self) -> float:
+        s = self.settings
+        return min(s.countdown_limit, s.visibility_timeout / 4)
+
+    def sweep(self) -> SweepReport:
+        """One sweep: expire overdue flows, re-publish due and stalled ones.
+
+        Runs from beat every ``sweep_interval``; a second beat's sweep of the same tick
+        is skipped, and every action is conditional in the record, so overlapping
+        sweeps cannot expire or wake a flow twice.
+        """
+        s = self.settings
+        tick = int(self.store.now().timestamp() // s.sweep_interval)
+        if not self.store.claim_tick(tick):
+            return SweepReport(tick=tick, skipped=True)
+        expired: list[str] = []
+        published = 0
+        for _ in range(_SWEEP_BATCHES):
+            got = self.store.sweep(limit=_SWEEP_LIMIT, redrive_after=s.redrive_after)
+            expired += got.expired
+            for flow_id in got.expired:
+                self.cache.drop(flow_id)
+            for name, flow_id in got.due:
+                self._enqueue_quietly(name, flow_id, None)
+            published += len(got.due)
+            if len(got.expired) + len(got.due) < _SWEEP_LIMIT:
+                break
+        if expired or published:
+            log.info("sweep %d: expired %d, published %d", tick, len(expired), published)
+        return SweepReport(tick=tick, expired=len(expired), published=published)
+
+    def cancel_flow(self, flow_id: str, reason: str = "") -> str:
+        """Cancel a flow: at once if nothing runs it, else at its next step boundary.
+
+        Returns "cancelled" or "cancelling"; ``FlowAlreadyFinished`` for a finished flow.
+        """
+        _check_id(flow_id, "flow_id")
+        if not isinstance(reason, str) or len(reason) > 10_000:
+            raise InvalidInput("cancel reason must be a string of at most 10000 characters")
+        status = self.store.cancel(flow_id, reason)
+        if status == "cancelled":
+            self.cache.drop(flow_id)
+        return status
 
     def _enqueue_quietly(self, flow_name: str, flow_id: str, countdown: float | None) -> None:
         try:
@@ -328,6 +392,7 @@ def to_state(row: FlowRow) -> FlowState:
             )
             for g in row.signals
         ],
+        step_errors=[ErrorInfo.model_validate_json(e.error) for e in row.step_errors],
         created_at=row.created_at,
         updated_at=row.updated_at,
         finished_at=row.finished_at,

@@ -14,6 +14,7 @@ from collections import Counter
 from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -161,7 +162,7 @@ class FlowContext(Generic[InputT]):
         if cp is not None:
             return _json.loads(cp.result)
         self._x.before_step()
-        attempt = 1
+        attempt = self._x.attempt_for(seq)
         started = utcnow()
         info = StepInfo(self.flow_id, name, occurrence, seq, attempt)
         token = _current_step.set(info)
@@ -169,7 +170,8 @@ class FlowContext(Generic[InputT]):
             with self._x.keep_lease():
                 value = call_maybe_async(fn)
         except Exception as exc:
-            raise StepFailed.from_exception(exc, step=name, attempt=attempt) from exc
+            failure = StepFailed.from_exception(exc, step=name, attempt=attempt)
+            self._x.step_failed(seq, name, attempt, failure, retry)
         finally:
             _current_step.reset(token)
         try:
@@ -182,6 +184,71 @@ class FlowContext(Generic[InputT]):
             ) from None
         cp = Checkpoint(seq, "step", name, occurrence, result)
         self._x.commit(cp, started_at=started, attempts=attempt)
+        return _json.loads(result)
+
+    # -- time -------------------------------------------------------------------------
+
+    def sleep(self, name: str, duration: Duration) -> None:
+        """Durable sleep: the flow suspends and a timer in the record wakes it.
+
+        The wake time is fixed when the sleep is first reached, so replays and restarts
+        do not extend it.
+        """
+        _check_name(name, "sleep")
+        seconds = parse_duration(duration, what=f"sleep {name!r}")
+        seq, occurrence, cp = self._next("sleep", name)
+        if cp is None:
+            until = self._x.now() + timedelta(seconds=seconds)
+            cp = Checkpoint(seq, "sleep", name, occurrence, _json.dumps({"until": until}))
+            self._x.commit(cp, started_at=utcnow(), attempts=1)
+        if not self.replaying:
+            until = datetime.fromisoformat(_json.loads(cp.result)["until"])
+            self._x.sleep_until(name, until)
+
+    def wait_until(
+        self,
+        name: str,
+        condition: Callable[[], Any],
+        *,
+        every: Duration = "1m",
+        timeout: Duration | None = None,
+    ) -> Any:
+        """Return the first truthy value of ``condition()``, checked every ``every``.
+
+        No worker is held between checks: each check replays the flow to this point
+        from its recorded steps. The truthy value is recorded (it must be JSON-able).
+        With ``timeout``, the flow ends ``expired`` if the condition stays false.
+        """
+        _check_name(name, "wait_until")
+        every_s = parse_duration(every, what=f"wait_until {name!r} every")
+        timeout_s = (
+            parse_duration(timeout, what=f"wait_until {name!r} timeout") if timeout else None
+        )
+        seq, occurrence, cp = self._next("wait", name)
+        if cp is not None:
+            return _json.loads(cp.result)
+        self._x.before_step()
+        started = utcnow()
+        attempt = self._x.attempt_for(seq)
+        token = _current_step.set(StepInfo(self.flow_id, name, occurrence, seq, attempt))
+        try:
+            value = call_maybe_async(condition)
+        except Exception as exc:
+            failure = StepFailed.from_exception(exc, step=name, attempt=attempt)
+            self._x.step_failed(seq, name, attempt, failure, None)
+        finally:
+            _current_step.reset(token)
+        if not value:
+            self._x.poll_later(Suspension(seq, name, occurrence, timeout_s), every_s)
+        try:
+            result = _json.dumps(value)
+        except (TypeError, ValueError) as exc:
+            raise StepResultNotSerializable(
+                f"wait_until {name!r} returned a value that cannot be stored as JSON: {exc}",
+                step=name,
+            ) from None
+        cp = Checkpoint(seq, "wait", name, occurrence, result)
+        self._x.commit(cp, started_at=started, attempts=1)
         return _json.loads(result)
 
     # -- suspend ----------------------------------------------------------------------

@@ -26,10 +26,33 @@ class Dispatcher(Protocol):
 class ThreadDispatcher:
     """The embedded default: executions run on a pool of threads in this process."""
 
-    def __init__(self, execute: Callable[[str, str], object], threads: int) -> None:
+    def __init__(
+        self,
+        execute: Callable[[str, str], object],
+        threads: int,
+        *,
+        sweep: Callable[[], object] | None = None,
+        sweep_interval: float = 5.0,
+    ) -> None:
         self._execute = execute
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="crux-embedded")
         self._closed = False
+        self._stop = threading.Event()
+        if sweep is not None:
+            # The embedded stand-in for beat: timers and lost wake-ups need a sweeper too.
+            threading.Thread(
+                target=self._sweep_loop,
+                args=(sweep, sweep_interval),
+                name="crux-embedded-sweeper",
+                daemon=True,
+            ).start()
+
+    def _sweep_loop(self, sweep: Callable[[], object], interval: float) -> None:
+        while not self._stop.wait(interval):
+            try:
+                sweep()
+            except Exception:
+                log.exception("embedded sweep failed")
 
     def _run(self, flow_name: str, flow_id: str) -> None:
         try:
@@ -54,6 +77,7 @@ class ThreadDispatcher:
     def close(self) -> None:
         """Finish running executions, start no new ones."""
         self._closed = True
+        self._stop.set()
         self._pool.shutdown(wait=True)
 
 

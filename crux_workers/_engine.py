@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import socket
 import threading
 import traceback
@@ -17,13 +18,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 from pydantic import BaseModel, ValidationError
 
 from . import _json
 from ._context import FlowContext
-from ._models import ErrorInfo
+from ._models import ErrorInfo, Retry
 from ._store._types import Checkpoint, Claimed, CruxStore, Lease, StepCache, Suspension, Validator
 from .errors import (
     CruxError,
@@ -48,7 +49,9 @@ class FlowDef:
     input_model: type[BaseModel]
 
 
-AdvanceKind = Literal["completed", "failed", "suspended", "expired", "busy", "noop", "lost"]
+AdvanceKind = Literal[
+    "completed", "failed", "suspended", "expired", "cancelled", "busy", "noop", "lost"
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +61,7 @@ class Advance:
     kind: AdvanceKind
     retry_after: float | None = None
     steps_run: int = 0
+    wake_in: float | None = None
 
 
 def error_json(exc: BaseException, *, step: str | None = None) -> str:
@@ -175,15 +179,69 @@ class Execution:
         except CruxError as exc:
             log.warning("lease renewal of flow %s failed: %s", self.lease.flow_id, exc)
 
+    def attempt_for(self, seq: int) -> int:
+        """The attempt number of the step at ``seq`` (only the frontier step has failed ones)."""
+        return self.claimed.failed_attempts + 1 if seq == self.claimed.next_seq else 1
+
+    def now(self) -> datetime:
+        """The record's clock."""
+        return self.engine.store.now()
+
     def commit(self, cp: Checkpoint, *, started_at: datetime, attempts: int) -> None:
-        """Commit a step's checkpoint (fenced), then cache it."""
-        self.engine.store.commit_checkpoint(
+        """Commit a checkpoint (fenced), then cache it; stop here if cancellation was asked."""
+        cancelled = self.engine.store.commit_checkpoint(
             self.lease, cp, started_at=started_at, attempts=attempts, ttl=self.engine.lease_ttl
         )
         self.engine.cache.add(self.lease.flow_id, cp)
         self.history.append(cp)
         self.steps_run += 1
-        log.info("flow %s: step %r committed (#%d)", self.lease.flow_id, cp.name, cp.seq)
+        log.info("flow %s: %s %r committed (#%d)", self.lease.flow_id, cp.kind, cp.name, cp.seq)
+        if cancelled:
+            log.info("flow %s: cancelled after %r", self.lease.flow_id, cp.name)
+            raise FlowStopped("cancelled")
+
+    def _outcome(self, got: str, point: str, wake_in: float | None = None) -> NoReturn:
+        if got == "suspended":
+            raise Suspended(point, wake_in)
+        log.info("flow %s: %s at %r", self.lease.flow_id, got, point)
+        raise FlowStopped(got)
+
+    def step_failed(
+        self, seq: int, name: str, attempt: int, exc: StepFailed, retry: Retry | None
+    ) -> NoReturn:
+        """Record the failed attempt; back off for a retry, or fail the flow."""
+        delay: float | None = None
+        if retry is not None and exc.retryable and attempt < retry.attempts:
+            delay = retry.delay(attempt)
+            if retry.jitter:
+                delay *= 0.5 + random.random() / 2
+        got = self.engine.store.fail_step(
+            self.lease, seq, name, attempt, error_json(exc), retry_in=delay
+        )
+        if got == "suspended":
+            log.info(
+                "flow %s: step %r attempt %d failed (%s); retry in %.2fs",
+                self.lease.flow_id,
+                name,
+                attempt,
+                exc.error_type,
+                delay,
+            )
+        self._outcome(got, name, delay)
+
+    def sleep_until(self, name: str, until: datetime) -> None:
+        """Suspend until ``until`` unless it has passed."""
+        wait = (until - self.now()).total_seconds()
+        if wait <= 0:
+            return
+        got = self.engine.store.suspend_until(self.lease, until, "sleep")
+        log.info("flow %s: sleeping %r for %.2fs", self.lease.flow_id, name, wait)
+        self._outcome(got, name, wait)
+
+    def poll_later(self, point: Suspension, every: float) -> NoReturn:
+        """The condition was false: check again in ``every`` seconds, or expire."""
+        got = self.engine.store.poll_later(self.lease, point, every)
+        self._outcome(got, point.name, every)
 
     def take_signal_or_suspend(self, point: Suspension, validate: Validator) -> Checkpoint:
         """Consume a waiting signal as the checkpoint, or suspend and end the execution."""
@@ -192,11 +250,8 @@ class Execution:
         )
         if got == "suspended":
             log.info("flow %s: suspended, waiting for %r", self.lease.flow_id, point.name)
-            raise Suspended(point.name)
-        if got == "expired":
-            log.info("flow %s: expired waiting for %r", self.lease.flow_id, point.name)
-            raise FlowStopped("expired")
-        assert isinstance(got, Checkpoint)
+        if not isinstance(got, Checkpoint):
+            self._outcome(got, point.name)
         self.engine.cache.add(self.lease.flow_id, got)
         self.history.append(got)
         log.info("flow %s: signal %r consumed (#%d)", self.lease.flow_id, point.name, got.seq)
@@ -254,6 +309,10 @@ class Engine:
             )
             self.store.release(lease)
             raise
+        if claimed.cancel_requested:
+            self.store.finish(lease, "cancelled")
+            self.cache.drop(flow_id)
+            return Advance("cancelled")
         history = self.load_history(flow_id, claimed.next_seq)
         execution = Execution(self, claimed, history)
         try:
@@ -279,11 +338,15 @@ class Engine:
             self.cache.drop(flow_id)
             log.info("flow %s: completed", flow_id)
             return Advance("completed", steps_run=execution.steps_run)
-        except Suspended:
-            return Advance("suspended", steps_run=execution.steps_run)
+        except Suspended as suspended:
+            return Advance("suspended", steps_run=execution.steps_run, wake_in=suspended.wake_in)
         except FlowStopped as stop:
             self.cache.drop(flow_id)
-            return Advance("expired" if str(stop) == "expired" else "noop")
+            kind = str(stop)
+            return Advance(
+                kind if kind in ("expired", "cancelled", "failed") else "noop",  # type: ignore[arg-type]
+                steps_run=execution.steps_run,
+            )
         except LeaseLost as exc:
             log.warning("flow %s: %s; this execution stops without writing", flow_id, exc)
             return Advance("lost", steps_run=execution.steps_run)

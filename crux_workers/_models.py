@@ -82,6 +82,9 @@ class FlowState(_Frozen):
     epoch: int
     steps: list[StepState]
     signals: list[SignalState]
+    step_errors: list[ErrorInfo] = Field(
+        default_factory=list, description="every failed step attempt, oldest first"
+    )
     created_at: datetime
     updated_at: datetime
     finished_at: datetime | None = None

@@ -42,6 +42,13 @@ class Settings(BaseSettings):
         default_factory=dict,
         description="extra kombu transport options (JSON), e.g. unacked_restore_interval",
     )
+    sweep_interval: Seconds = Field(default=5.0, description="how often beat runs the sweeper")
+    redrive_after: Seconds = Field(
+        default=30.0, description="re-publish a due flow nobody claimed after this long"
+    )
+    countdown_limit: Seconds = Field(
+        default=60.0, description="longest wait sent as a Celery countdown (beyond: sweeper only)"
+    )
     embedded_threads: int = Field(default=4, ge=1, le=64, description="embedded executor threads")
     auto_migrate: bool = Field(default=True, description="bring the schema to head on first use")
 

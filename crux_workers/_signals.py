@@ -19,6 +19,16 @@ def signal_flow(
     return default_app().signal_flow(flow_id, name, payload, key=key)
 
 
+def cancel_flow(flow_id: str, reason: str = "") -> str:
+    """Cancel a flow: at once when nothing runs it, else at its next step boundary.
+
+    Returns "cancelled" or "cancelling". The outcome becomes
+    ``FlowOutcome(status="cancelled", cancel_reason=reason)``. Raises
+    ``FlowAlreadyFinished`` for a finished flow and ``FlowNotFound`` for an unknown one.
+    """
+    return default_app().cancel_flow(flow_id, reason)
+
+
 def get_flow(flow_id: str) -> FlowState:
     """Everything the record holds about a flow; ``FlowNotFound`` if there is none."""
     return default_app().get_flow(flow_id)

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("crux_workers.tasks")
 
 TASK_PREFIX = "crux.flow."
+SWEEP_TASK = "crux.sweep"
 
 
 def task_name(flow_name: str) -> str:
@@ -50,6 +51,20 @@ def make_celery(crux: Crux) -> Celery:
         broker_transport_options=transport,
         broker_connection_retry_on_startup=True,
     )
+    app.conf.beat_schedule = {
+        "crux-sweep": {
+            "task": SWEEP_TASK,
+            "schedule": s.sweep_interval,
+            # A sweep that waited longer than one interval is superseded by the next.
+            "options": {"expires": s.sweep_interval},
+        }
+    }
+
+    @app.task(name=SWEEP_TASK, acks_late=False)  # type: ignore[untyped-decorator]
+    def sweep() -> dict[str, Any]:
+        report = crux.sweep()
+        return {"tick": report.tick, "expired": report.expired, "published": report.published}
+
     for defn in crux.flow_defs():
         register_flow_task(app, crux, defn)
     return app

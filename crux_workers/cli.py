@@ -59,6 +59,26 @@ def worker(ctx: click.Context, imports: tuple[str, ...]) -> None:
     app.celery.worker_main(argv)
 
 
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.option("--import", "imports", multiple=True, metavar="MODULE", help="module defining flows")
+@click.pass_context
+def beat(ctx: click.Context, imports: tuple[str, ...]) -> None:
+    """Start Celery beat, which runs the sweeper every CRUX_SWEEP_INTERVAL.
+
+    The sweeper expires overdue flows and re-publishes due and stalled ones. Running
+    two beats is harmless. The schedule lives in memory: nothing to persist or pickle.
+    """
+    _import_all(imports)
+    app = default_app()
+    if app.settings.embedded:
+        raise click.ClickException("no broker configured: set CRUX_REDIS_URL for beat")
+    try:
+        app.store  # noqa: B018 - brings the schema to head first
+    except CruxError as exc:
+        raise click.ClickException(str(exc)) from exc
+    app.celery.start(["beat", "--scheduler", "celery.beat:Scheduler", *ctx.args])
+
+
 @main.group()
 def db() -> None:
     """The durable record's schema."""

@@ -54,6 +54,10 @@ class FlowNotWaiting(CruxError):
     """The flow has finished and accepts no more signals."""
 
 
+class FlowAlreadyFinished(CruxError):
+    """The flow has already finished; there is nothing to cancel."""
+
+
 class FlowIdConflict(CruxError):
     """A flow with this id exists already, under another flow name."""
 
@@ -118,6 +122,11 @@ class ControlFlow(BaseException):
 
 class Suspended(ControlFlow):
     """The flow checkpointed and ends this execution until something wakes it."""
+
+    def __init__(self, point: str = "", wake_in: float | None = None) -> None:
+        super().__init__(point)
+        self.point = point
+        self.wake_in = wake_in
 
 
 class LeaseLost(ControlFlow):

@@ -10,10 +10,10 @@ import dataclasses
 import threading
 from collections.abc import Callable
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 from .._models import TERMINAL
-from ..errors import FlowNotFound, FlowNotWaiting, LeaseLost, StoreError
+from ..errors import FlowAlreadyFinished, FlowNotFound, FlowNotWaiting, LeaseLost, StoreError
 from ._sql import _deadline, utcnow
 from ._types import (
     Checkpoint,
@@ -23,9 +23,11 @@ from ._types import (
     NotClaimed,
     SignalResult,
     SignalRow,
+    StepErrorRow,
     StepRow,
     SuspendOutcome,
     Suspension,
+    SweepResult,
     Validator,
 )
 
@@ -50,9 +52,11 @@ class _Flow:
     epoch: int = 0
     next_seq: int = 0
     runs: int = 0
+    retry_attempt: int = 0
     finished_at: datetime | None = None
     steps: list[StepRow] = dataclasses.field(default_factory=list)
     signals: list[SignalRow] = dataclasses.field(default_factory=list)
+    step_errors: list[StepErrorRow] = dataclasses.field(default_factory=list)
 
 
 class MemoryStore:
@@ -63,6 +67,7 @@ class MemoryStore:
         self._lock = threading.RLock()
         self._now = clock
         self._signal_ids = 0
+        self._ticks: set[int] = set()
         self.commits = 0
 
     def _get(self, flow_id: str) -> _Flow:
@@ -115,6 +120,7 @@ class MemoryStore:
                 flow.name,
                 flow.input,
                 flow.next_seq,
+                failed_attempts=flow.retry_attempt,
                 cancel_requested=flow.cancel_reason is not None,
             )
 
@@ -177,11 +183,145 @@ class MemoryStore:
 
     def commit_checkpoint(
         self, lease: Lease, cp: Checkpoint, *, started_at: datetime, attempts: int, ttl: float
-    ) -> None:
-        """Commit a checkpoint if ``lease`` still holds."""
+    ) -> bool:
+        """Commit a checkpoint if ``lease`` still holds; True if the flow is now cancelled."""
         with self._lock:
             flow = self._touch(lease, ttl)
             self._insert_step(flow, cp, started_at, attempts)
+            flow.retry_attempt = 0
+            if flow.cancel_reason is not None:
+                self._cancelled(flow)
+                return True
+            return False
+
+    def now(self) -> datetime:
+        """The store's clock."""
+        return self._now()
+
+    def _cancelled(self, flow: _Flow) -> None:
+        flow.status, flow.finished_at = "cancelled", self._now()
+        self._clear(flow)
+
+    @staticmethod
+    def _clear(flow: _Flow) -> None:
+        flow.lease_owner = flow.lease_until = flow.wake_at = flow.wake_kind = None
+        flow.waiting_on = flow.deadline = None
+
+    def _suspend(self, flow: _Flow, wake_at: datetime | None, kind: str | None) -> None:
+        flow.status = "suspended"
+        flow.lease_owner = flow.lease_until = None
+        flow.wake_at, flow.wake_kind = wake_at, kind
+
+    def fail_step(
+        self,
+        lease: Lease,
+        seq: int,
+        name: str,
+        attempt: int,
+        error: str,
+        retry_in: float | None,
+    ) -> SuspendOutcome | Literal["failed"]:
+        """Record a failed attempt; back off until ``retry_in`` seconds, or fail the flow."""
+        with self._lock:
+            flow = self._touch(lease, 1.0)
+            now = self._now()
+            if not any((e.seq, e.attempt) == (seq, attempt) for e in flow.step_errors):
+                flow.step_errors.append(StepErrorRow(seq, attempt, name, error, now))
+            if flow.cancel_reason is not None:
+                self._cancelled(flow)
+                return "cancelled"
+            if retry_in is None:
+                flow.status, flow.error, flow.finished_at = "failed", error, now
+                self._clear(flow)
+                return "failed"
+            flow.retry_attempt = attempt
+            flow.waiting_on = flow.deadline = None
+            self._suspend(flow, now + timedelta(seconds=retry_in), "retry")
+            return "suspended"
+
+    def suspend_until(self, lease: Lease, wake_at: datetime, kind: str) -> SuspendOutcome:
+        """Suspend until ``wake_at``."""
+        with self._lock:
+            flow = self._touch(lease, 1.0)
+            if flow.cancel_reason is not None:
+                self._cancelled(flow)
+                return "cancelled"
+            flow.waiting_on = flow.deadline = None
+            self._suspend(flow, wake_at, kind)
+            return "suspended"
+
+    def poll_later(self, lease: Lease, point: Suspension, every: float) -> SuspendOutcome:
+        """Look again in ``every`` seconds, or expire past the deadline."""
+        with self._lock:
+            flow = self._touch(lease, 1.0)
+            if flow.cancel_reason is not None:
+                self._cancelled(flow)
+                return "cancelled"
+            now = self._now()
+            deadline = _deadline(point, flow.waiting_on, flow.deadline, now)
+            if deadline is not None and deadline <= now:
+                flow.status, flow.finished_at = "expired", now
+                self._clear(flow)
+                return "expired"
+            check = now + timedelta(seconds=every)
+            flow.waiting_on, flow.deadline = point.name, deadline
+            self._suspend(flow, check if deadline is None else min(check, deadline), "poll")
+            return "suspended"
+
+    def cancel(self, flow_id: str, reason: str) -> str:
+        """Cancel at once, or at the running executor's next step."""
+        with self._lock:
+            flow = self._get(flow_id)
+            if flow.status in TERMINAL:
+                raise FlowAlreadyFinished(
+                    f"flow {flow_id!r} is already {flow.status}; nothing to cancel",
+                    flow_id=flow_id,
+                    status=flow.status,
+                )
+            flow.cancel_reason = reason
+            now = self._now()
+            lease_until = flow.lease_until
+            if flow.status == "running" and flow.lease_owner and lease_until and lease_until >= now:
+                return "cancelling"
+            self._cancelled(flow)
+            return "cancelled"
+
+    def claim_tick(self, tick: int) -> bool:
+        """True for the first sweep of a tick."""
+        with self._lock:
+            if tick in self._ticks:
+                return False
+            self._ticks.add(tick)
+            return True
+
+    def sweep(self, *, limit: int, redrive_after: float) -> SweepResult:
+        """Expire overdue suspends; mark due and stalled flows and return them to publish."""
+        with self._lock:
+            now = self._now()
+            stale = now - timedelta(seconds=redrive_after)
+            result = SweepResult()
+            for flow in list(self._flows.values()):
+                if len(result.expired) + len(result.due) >= limit:
+                    break
+                if flow.status in TERMINAL:
+                    continue
+                due = flow.wake_at is not None and (
+                    flow.wake_at <= (stale if flow.wake_kind == "run" else now)
+                )
+                stalled = (
+                    flow.status == "running"
+                    and flow.lease_until is not None
+                    and flow.lease_until < now
+                    and flow.wake_at is None
+                )
+                if flow.status == "suspended" and flow.wake_kind == "expire" and due:
+                    flow.status, flow.finished_at = "expired", now
+                    self._clear(flow)
+                    result.expired.append(flow.id)
+                elif due or stalled:
+                    flow.wake_kind, flow.wake_at = "run", now
+                    result.due.append((flow.name, flow.id))
+            return result
 
     def take_signal_or_suspend(
         self, lease: Lease, point: Suspension, validate: Validator, ttl: float
@@ -189,6 +329,9 @@ class MemoryStore:
         """Consume the oldest valid pending signal of that name as a checkpoint, or suspend."""
         with self._lock:
             flow = self._touch(lease, ttl)
+            if flow.cancel_reason is not None:
+                self._cancelled(flow)
+                return "cancelled"
             for i, sig in enumerate(flow.signals):
                 if sig.name != point.name or sig.status != "pending":
                     continue
@@ -278,10 +421,11 @@ class MemoryStore:
         fields: dict[str, Any] = {
             k.name: getattr(f, k.name)
             for k in dataclasses.fields(FlowRow)
-            if k.name not in ("steps", "signals")
+            if k.name not in ("steps", "signals", "step_errors")
         }
         if details:
             fields["steps"], fields["signals"] = list(f.steps), list(f.signals)
+            fields["step_errors"] = list(f.step_errors)
         return FlowRow(**fields)
 
     def close(self) -> None:

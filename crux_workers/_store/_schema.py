@@ -41,12 +41,15 @@ flows = Table(
     Column("epoch", BigInteger, nullable=False, server_default="0"),
     Column("next_seq", Integer, nullable=False, server_default="0"),
     Column("runs", Integer, nullable=False, server_default="0"),
+    # Failed attempts of the step at next_seq (reset when a checkpoint commits).
+    Column("retry_attempt", Integer, nullable=False, server_default="0"),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
     Column("finished_at", DateTime(timezone=True)),
     Index("ix_crux_flows_name_status", "name", "status"),
     Index("ix_crux_flows_status", "status"),
     Index("ix_crux_flows_wake_at", "wake_at"),
+    Index("ix_crux_flows_status_lease", "status", "lease_until"),
 )
 
 steps = Table(
@@ -82,4 +85,25 @@ signals = Table(
     Column("consumed_at", DateTime(timezone=True)),
     UniqueConstraint("flow_id", "key", name="uq_crux_signals_key"),
     Index("ix_crux_signals_pending", "flow_id", "name", "status", "id"),
+)
+
+step_errors = Table(
+    "crux_step_errors",
+    metadata,
+    Column(
+        "flow_id", String(200), ForeignKey("crux_flows.id", ondelete="CASCADE"), primary_key=True
+    ),
+    Column("seq", Integer, primary_key=True),
+    Column("attempt", Integer, primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("error", Text, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+# One row per sweep tick: a second beat's sweep of the same tick is a no-op.
+sweeps = Table(
+    "crux_sweeps",
+    metadata,
+    Column("tick", BigInteger, primary_key=True, autoincrement=False),
+    Column("swept_at", DateTime(timezone=True), nullable=False),
 )

@@ -13,7 +13,7 @@ import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import (
     Connection,
@@ -32,8 +32,8 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from .._models import TERMINAL
 from .._settings import redact
-from ..errors import FlowNotFound, FlowNotWaiting, LeaseLost, StoreError
-from ._schema import flows, signals, steps
+from ..errors import FlowAlreadyFinished, FlowNotFound, FlowNotWaiting, LeaseLost, StoreError
+from ._schema import flows, signals, step_errors, steps, sweeps
 from ._types import (
     Checkpoint,
     Claimed,
@@ -42,9 +42,11 @@ from ._types import (
     NotClaimed,
     SignalResult,
     SignalRow,
+    StepErrorRow,
     StepRow,
     SuspendOutcome,
     Suspension,
+    SweepResult,
     Validator,
 )
 
@@ -202,7 +204,7 @@ class SqlStore:
                 wake_kind=None,
                 updated_at=now,
             )
-            .returning(c.epoch, c.name, c.input, c.next_seq, c.cancel_reason)
+            .returning(c.epoch, c.name, c.input, c.next_seq, c.retry_attempt, c.cancel_reason)
         )
         with self._tx() as conn:
             got = conn.execute(stmt).first()
@@ -216,6 +218,7 @@ class SqlStore:
                 name=got.name,
                 input=got.input,
                 next_seq=int(got.next_seq),
+                failed_attempts=int(got.retry_attempt),
                 cancel_requested=got.cancel_reason is not None,
             )
         if row is None:
@@ -284,11 +287,196 @@ class SqlStore:
 
     def commit_checkpoint(
         self, lease: Lease, cp: Checkpoint, *, started_at: datetime, attempts: int, ttl: float
-    ) -> None:
-        """Commit a checkpoint if ``lease`` still holds; raise ``LeaseLost`` otherwise."""
+    ) -> bool:
+        """Commit a checkpoint if ``lease`` still holds; True if the flow is now cancelled."""
         with self._tx() as conn:
-            self._touch(conn, lease, ttl, next_seq=cp.seq + 1)
+            row = self._touch(conn, lease, ttl, next_seq=cp.seq + 1, retry_attempt=0)
             self._insert_step(conn, lease, cp, started_at=started_at, attempts=attempts)
+            if row.cancel_reason is not None:
+                self._cancelled(conn, lease.flow_id)
+                return True
+        return False
+
+    def now(self) -> datetime:
+        """The record's notion of the current time (UTC)."""
+        return self._now()
+
+    def _cancelled(self, conn: Connection, flow_id: str) -> None:
+        now = self._now()
+        conn.execute(
+            update(flows)
+            .where(flows.c.id == flow_id)
+            .values(status="cancelled", finished_at=now, updated_at=now, **_NO_LEASE)
+        )
+
+    def _suspend(self, conn: Connection, flow_id: str, **values: Any) -> None:
+        conn.execute(
+            update(flows)
+            .where(flows.c.id == flow_id)
+            .values(status="suspended", lease_owner=None, lease_until=None, **values)
+        )
+
+    def fail_step(
+        self,
+        lease: Lease,
+        seq: int,
+        name: str,
+        attempt: int,
+        error: str,
+        retry_in: float | None,
+    ) -> SuspendOutcome | Literal["failed"]:
+        """Record a failed attempt; back off until ``retry_in`` seconds, or fail the flow."""
+        now = self._now()
+        with self._tx() as conn:
+            row = self._touch(conn, lease, 1.0)
+            conn.execute(
+                self._insert(step_errors)
+                .values(
+                    flow_id=lease.flow_id,
+                    seq=seq,
+                    attempt=attempt,
+                    name=name,
+                    error=error,
+                    created_at=now,
+                )
+                .on_conflict_do_nothing()
+            )
+            if row.cancel_reason is not None:
+                self._cancelled(conn, lease.flow_id)
+                return "cancelled"
+            if retry_in is None:
+                conn.execute(
+                    update(flows)
+                    .where(flows.c.id == lease.flow_id)
+                    .values(status="failed", error=error, finished_at=now, **_NO_LEASE)
+                )
+                return "failed"
+            self._suspend(
+                conn,
+                lease.flow_id,
+                retry_attempt=attempt,
+                waiting_on=None,
+                deadline=None,
+                wake_at=now + timedelta(seconds=retry_in),
+                wake_kind="retry",
+            )
+        return "suspended"
+
+    def suspend_until(self, lease: Lease, wake_at: datetime, kind: str) -> SuspendOutcome:
+        """Suspend without waiting for a signal, until ``wake_at`` (a sleep)."""
+        with self._tx() as conn:
+            row = self._touch(conn, lease, 1.0)
+            if row.cancel_reason is not None:
+                self._cancelled(conn, lease.flow_id)
+                return "cancelled"
+            self._suspend(
+                conn, lease.flow_id, waiting_on=None, deadline=None, wake_at=wake_at, wake_kind=kind
+            )
+        return "suspended"
+
+    def poll_later(self, lease: Lease, point: Suspension, every: float) -> SuspendOutcome:
+        """A ``wait_until`` check came back false: look again in ``every`` seconds."""
+        with self._tx() as conn:
+            row = self._touch(conn, lease, 1.0)
+            if row.cancel_reason is not None:
+                self._cancelled(conn, lease.flow_id)
+                return "cancelled"
+            now = self._now()
+            deadline = _deadline(point, row.waiting_on, _aware(row.deadline), now)
+            if deadline is not None and deadline <= now:
+                conn.execute(
+                    update(flows)
+                    .where(flows.c.id == lease.flow_id)
+                    .values(status="expired", finished_at=now, **_NO_LEASE)
+                )
+                return "expired"
+            check = now + timedelta(seconds=every)
+            self._suspend(
+                conn,
+                lease.flow_id,
+                waiting_on=point.name,
+                deadline=deadline,
+                wake_at=check if deadline is None else min(check, deadline),
+                wake_kind="poll",
+            )
+        return "suspended"
+
+    def cancel(self, flow_id: str, reason: str) -> str:
+        """Cancel at once ("cancelled") or at the running executor's next step ("cancelling")."""
+        c = flows.c
+        now = self._now()
+        with self._tx() as conn:
+            row = conn.execute(
+                select(c.status, c.lease_owner, c.lease_until)
+                .where(c.id == flow_id)
+                .with_for_update()
+            ).first()
+            if row is None:
+                raise FlowNotFound(f"no flow {flow_id!r}", flow_id=flow_id)
+            if row.status in TERMINAL:
+                raise FlowAlreadyFinished(
+                    f"flow {flow_id!r} is already {row.status}; nothing to cancel",
+                    flow_id=flow_id,
+                    status=row.status,
+                )
+            conn.execute(update(flows).where(c.id == flow_id).values(cancel_reason=reason))
+            until = _aware(row.lease_until)
+            if row.status == "running" and row.lease_owner and until is not None and until >= now:
+                return "cancelling"
+            self._cancelled(conn, flow_id)
+        return "cancelled"
+
+    def claim_tick(self, tick: int) -> bool:
+        """True for the first sweep of a tick; False when another beat's sweep took it."""
+        with self._tx() as conn:
+            got = conn.execute(
+                self._insert(sweeps)
+                .values(tick=tick, swept_at=self._now())
+                .on_conflict_do_nothing()
+                .returning(sweeps.c.tick)
+            ).first()
+            if got is not None and tick % 100 == 0:
+                conn.execute(sweeps.delete().where(sweeps.c.tick < tick - 10_000))
+        return got is not None
+
+    def sweep(self, *, limit: int, redrive_after: float) -> SweepResult:
+        """Expire overdue suspends; mark due and stalled flows and return them to publish."""
+        c = flows.c
+        now = self._now()
+        stale = now - timedelta(seconds=redrive_after)
+        due = and_(
+            c.status.in_(ACTIVE),
+            or_(
+                and_(c.wake_kind == "run", c.wake_at <= stale),
+                and_(c.wake_kind != "run", c.wake_at <= now),
+            ),
+        )
+        stalled = and_(c.status == "running", c.lease_until < now, c.wake_at.is_(None))
+        result = SweepResult()
+        with self._tx() as conn:
+            rows: list[Any] = []
+            for cond in (due, stalled):
+                query = select(c.id, c.name, c.status, c.wake_kind).where(cond).limit(limit)
+                if not self._sqlite:
+                    query = query.with_for_update(skip_locked=True)
+                rows += conn.execute(query).all()
+            expire = [r.id for r in rows if r.status == "suspended" and r.wake_kind == "expire"]
+            wake = [r for r in rows if r.id not in set(expire)]
+            if expire:
+                conn.execute(
+                    update(flows)
+                    .where(c.id.in_(expire), c.status == "suspended", c.wake_kind == "expire")
+                    .values(status="expired", finished_at=now, updated_at=now, **_NO_LEASE)
+                )
+            if wake:
+                conn.execute(
+                    update(flows)
+                    .where(c.id.in_([r.id for r in wake]))
+                    .values(wake_kind="run", wake_at=now)
+                )
+        result.expired.extend(expire)
+        result.due.extend((r.name, r.id) for r in wake)
+        return result
 
     def _insert_step(
         self,
@@ -321,6 +509,9 @@ class SqlStore:
         s = signals.c
         with self._tx() as conn:
             waiting = self._touch(conn, lease, ttl)
+            if waiting.cancel_reason is not None:
+                self._cancelled(conn, lease.flow_id)
+                return "cancelled"
             while True:
                 pending = conn.execute(
                     select(s.id, s.payload)
@@ -490,6 +681,11 @@ class SqlStore:
             signal_rows = conn.execute(
                 select(signals).where(signals.c.flow_id == flow_id).order_by(signals.c.id)
             ).all()
+            error_rows = conn.execute(
+                select(step_errors)
+                .where(step_errors.c.flow_id == flow_id)
+                .order_by(step_errors.c.seq, step_errors.c.attempt)
+            ).all()
         return self._flow_row(
             row,
             steps=[
@@ -518,6 +714,10 @@ class SqlStore:
                     _aware(r.consumed_at),
                 )
                 for r in signal_rows
+            ],
+            step_errors=[
+                StepErrorRow(r.seq, r.attempt, r.name, r.error, _aware(r.created_at) or self._now())
+                for r in error_rows
             ],
         )
 

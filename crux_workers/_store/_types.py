@@ -36,10 +36,11 @@ class Claimed:
     name: str
     input: str
     next_seq: int
+    failed_attempts: int = 0
     cancel_requested: bool = False
 
 
-SuspendOutcome = Literal["suspended", "expired"]
+SuspendOutcome = Literal["suspended", "expired", "cancelled"]
 
 ClaimRefusal = Literal["missing", "finished", "busy", "idle"]
 
@@ -50,6 +51,25 @@ class NotClaimed:
 
     reason: ClaimRefusal
     retry_after: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StepErrorRow:
+    """One failed attempt of a step."""
+
+    seq: int
+    attempt: int
+    name: str
+    error: str
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class SweepResult:
+    """What one sweep did: flows it expired, and flows to publish again."""
+
+    expired: list[str] = field(default_factory=list)
+    due: list[tuple[str, str]] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +122,7 @@ class FlowRow:
     finished_at: datetime | None
     steps: list[StepRow] = field(default_factory=list)
     signals: list[SignalRow] = field(default_factory=list)
+    step_errors: list[StepErrorRow] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,10 +177,53 @@ class CruxStore(Protocol):
         """All committed checkpoints of the flow, in sequence order."""
         ...
 
+    def now(self) -> datetime:
+        """The record's notion of the current time (UTC)."""
+        ...
+
     def commit_checkpoint(
         self, lease: Lease, cp: Checkpoint, *, started_at: datetime, attempts: int, ttl: float
-    ) -> None:
-        """Commit a checkpoint if ``lease`` still holds; raise ``LeaseLost`` otherwise."""
+    ) -> bool:
+        """Commit a checkpoint if ``lease`` still holds; raise ``LeaseLost`` otherwise.
+
+        Returns True when a cancellation was requested: the checkpoint is committed and
+        the flow is now ``cancelled``.
+        """
+        ...
+
+    def fail_step(
+        self,
+        lease: Lease,
+        seq: int,
+        name: str,
+        attempt: int,
+        error: str,
+        retry_in: float | None,
+    ) -> SuspendOutcome | Literal["failed"]:
+        """Record a failed attempt; back off until ``retry_in`` seconds, or fail the flow."""
+        ...
+
+    def suspend_until(self, lease: Lease, wake_at: datetime, kind: str) -> SuspendOutcome:
+        """Suspend without waiting for a signal, until ``wake_at`` (a sleep)."""
+        ...
+
+    def poll_later(self, lease: Lease, point: Suspension, every: float) -> SuspendOutcome:
+        """A ``wait_until`` check came back false: look again in ``every`` seconds.
+
+        The deadline works as for signals; past it the flow is ``expired``.
+        """
+        ...
+
+    def cancel(self, flow_id: str, reason: str) -> str:
+        """Cancel at once ("cancelled") or at the running executor's next step ("cancelling")."""
+        ...
+
+    def claim_tick(self, tick: int) -> bool:
+        """True for the first sweep of a tick; False when another beat's sweep took it."""
+        ...
+
+    def sweep(self, *, limit: int, redrive_after: float) -> SweepResult:
+        """Expire overdue suspends; mark due and stalled flows and return them to publish."""
         ...
 
     def take_signal_or_suspend(

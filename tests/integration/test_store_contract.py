@@ -8,11 +8,18 @@ from pathlib import Path
 
 import pytest
 
-from crux_workers import FlowNotFound, FlowNotWaiting
+from crux_workers import FlowAlreadyFinished, FlowNotFound, FlowNotWaiting
 from crux_workers._store._memory import MemoryStore
 from crux_workers._store._migrate import upgrade
 from crux_workers._store._sql import SqlStore
-from crux_workers._store._types import Checkpoint, Claimed, CruxStore, Lease, Suspension
+from crux_workers._store._types import (
+    Checkpoint,
+    Claimed,
+    CruxStore,
+    Lease,
+    Suspension,
+    SweepResult,
+)
 from crux_workers.errors import LeaseLost
 
 
@@ -190,3 +197,88 @@ def test_get_flow_shows_steps_and_signals(store: tuple[CruxStore, Clock]) -> Non
     ]
     with pytest.raises(FlowNotFound):
         s.get_flow("nope")
+
+
+def test_failed_attempts_back_off_then_fail(store: tuple[CruxStore, Clock]) -> None:
+    s, clock = store
+    s.create_flow("f", "demo", "{}")
+    lease = _claim(s, "f")
+    assert s.fail_step(lease, 0, "x", 1, '{"type":"E","message":"1"}', retry_in=30) == "suspended"
+    row = s.get_flow("f", details=False)
+    assert (row.status, row.wake_kind) == ("suspended", "retry")
+    assert row.wake_at == clock() + timedelta(seconds=30)
+    assert s.claim("f", "w", 10).reason == "idle"  # type: ignore[union-attr]
+    clock.now += timedelta(seconds=31)
+    again = s.claim("f", "w", 10)
+    assert isinstance(again, Claimed) and again.failed_attempts == 1
+    assert s.fail_step(again.lease, 0, "x", 2, '{"type":"E","message":"2"}', None) == "failed"
+    row = s.get_flow("f")
+    assert row.status == "failed" and row.error == '{"type":"E","message":"2"}'
+    assert [(e.seq, e.attempt) for e in row.step_errors] == [(0, 1), (0, 2)]
+
+
+def test_a_commit_resets_the_failed_attempts(store: tuple[CruxStore, Clock]) -> None:
+    s, clock = store
+    s.create_flow("f", "demo", "{}")
+    lease = _claim(s, "f")
+    s.fail_step(lease, 0, "x", 1, "{}", retry_in=1)
+    clock.now += timedelta(seconds=2)
+    lease = _claim(s, "f")
+    assert not s.commit_checkpoint(lease, _cp(0, "x"), started_at=clock(), attempts=2, ttl=10)
+    assert s.suspend_until(lease, clock() + timedelta(seconds=5), "sleep") == "suspended"
+    clock.now += timedelta(seconds=6)
+    again = s.claim("f", "w", 10)
+    assert isinstance(again, Claimed) and again.failed_attempts == 0 and again.next_seq == 1
+
+
+def test_polls_keep_their_deadline_and_expire(store: tuple[CruxStore, Clock]) -> None:
+    s, clock = store
+    s.create_flow("f", "demo", "{}")
+    point = Suspension(0, "ready", 0, 100.0)
+    lease = _claim(s, "f")
+    assert s.poll_later(lease, point, 60) == "suspended"
+    row = s.get_flow("f", details=False)
+    assert row.wake_kind == "poll" and row.wake_at == clock() + timedelta(seconds=60)
+    clock.now += timedelta(seconds=61)
+    lease = _claim(s, "f")
+    assert s.poll_later(lease, point, 60) == "suspended"
+    assert s.get_flow("f", details=False).wake_at == row.deadline  # capped by the deadline
+    clock.now += timedelta(seconds=40)
+    lease = _claim(s, "f")
+    assert s.poll_later(lease, point, 60) == "expired"
+
+
+def test_cancel_now_or_at_the_next_commit(store: tuple[CruxStore, Clock]) -> None:
+    s, clock = store
+    s.create_flow("idle", "demo", "{}")
+    assert s.cancel("idle", "r1") == "cancelled"
+    with pytest.raises(FlowAlreadyFinished):
+        s.cancel("idle", "again")
+    s.create_flow("busy", "demo", "{}")
+    lease = _claim(s, "busy")
+    assert s.cancel("busy", "r2") == "cancelling"
+    assert s.commit_checkpoint(lease, _cp(0), started_at=clock(), attempts=1, ttl=10)
+    row = s.get_flow("busy")
+    assert (row.status, row.cancel_reason, len(row.steps)) == ("cancelled", "r2", 1)
+
+
+def test_sweep_expires_wakes_and_redrives(store: tuple[CruxStore, Clock]) -> None:
+    s, clock = store
+    s.create_flow("timer", "demo", "{}")
+    lease = _claim(s, "timer")
+    s.take_signal_or_suspend(lease, Suspension(0, "go", 0, 10.0), accept, 10)
+    s.create_flow("nap", "demo", "{}")
+    s.suspend_until(_claim(s, "nap"), clock() + timedelta(seconds=5), "sleep")
+    s.create_flow("lost", "demo", "{}")
+    s.create_flow("dead", "demo", "{}")
+    _claim(s, "dead", ttl=3)
+    assert s.claim_tick(1) and not s.claim_tick(1)
+    assert s.sweep(limit=100, redrive_after=30) == SweepResult()
+    clock.now += timedelta(seconds=11)
+    got = s.sweep(limit=100, redrive_after=30)
+    assert got.expired == ["timer"] and sorted(got.due) == [("demo", "dead"), ("demo", "nap")]
+    assert s.get_flow("timer", details=False).status == "expired"
+    assert s.sweep(limit=100, redrive_after=30) == SweepResult()  # nothing twice
+    clock.now += timedelta(seconds=30)
+    again = s.sweep(limit=100, redrive_after=30)
+    assert sorted(again.due) == [("demo", "dead"), ("demo", "lost"), ("demo", "nap")]

@@ -48,16 +48,30 @@ class Harness:
             dispatcher=self.dispatcher,
         )
         self.calls: Counter[str] = Counter()
+        self.countdowns: list[float] = []
 
     def drain(self, limit: int = 100) -> int:
-        """Run queued executions until none is left; returns how many ran."""
+        """Run queued executions until none is left; returns how many ran.
+
+        Delayed messages (countdowns) are dropped, as if the broker lost them: time
+        only moves through ``tick``, and the sweeper must fire every timer.
+        """
         ran = 0
         while self.dispatcher.queue:
             assert ran < limit, "executions keep re-enqueueing"
-            name, flow_id, _ = self.dispatcher.queue.pop(0)
+            name, flow_id, countdown = self.dispatcher.queue.pop(0)
+            if countdown:
+                self.countdowns.append(countdown)
+                continue
             self.app.execute(name, flow_id)
             ran += 1
         return ran
+
+    def tick(self, seconds: float) -> None:
+        """Let time pass, run one sweep, run what it published."""
+        self.clock.advance(seconds)
+        self.app.sweep()
+        self.drain()
 
 
 @pytest.fixture
