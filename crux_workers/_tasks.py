@@ -7,6 +7,7 @@ in Postgres and replays. Redelivered or duplicated messages are harmless.
 from __future__ import annotations
 
 import logging
+import re
 from typing import TYPE_CHECKING, Any
 
 from celery import Celery
@@ -60,7 +61,7 @@ def make_celery(crux: Crux) -> Celery:
         }
     }
 
-    @app.task(name=SWEEP_TASK, acks_late=False)  # type: ignore[untyped-decorator]
+    @app.task(name=SWEEP_TASK, acks_late=False, shared=False)  # type: ignore[untyped-decorator]
     def sweep() -> dict[str, Any]:
         report = crux.sweep()
         return {"tick": report.tick, "expired": report.expired, "published": report.published}
@@ -79,5 +80,12 @@ def register_flow_task(app: Celery, crux: Crux, defn: FlowDef) -> Any:
     def advance_flow(flow_id: Any) -> None:
         crux.execute(defn.name, flow_id)
 
-    advance_flow.__name__ = advance_flow.__qualname__ = f"advance_{defn.name}"
-    return app.task(name=name, acks_late=True, reject_on_worker_lost=True)(advance_flow)
+    # Celery compiles a signature from __name__: flow names like "first-week" are not
+    # identifiers. Arguments are checked by crux.execute, not by Celery (typing=False).
+    ident = re.sub(r"\W", "_", defn.name)
+    advance_flow.__name__ = advance_flow.__qualname__ = f"advance_{ident}"
+    # shared=False: a shared task would be registered on every later Celery app in this
+    # process, and the first registration wins there, so one app would run another's flows.
+    return app.task(
+        name=name, acks_late=True, reject_on_worker_lost=True, shared=False, typing=False
+    )(advance_flow)

@@ -21,6 +21,8 @@ def fleet_env(pg_url: str, redis_url: str, effects: Path, **extra: str) -> dict[
         CRUX_DATABASE_URL=pg_url,
         CRUX_REDIS_URL=redis_url,
         CRUX_LEASE_TTL="3s",
+        CRUX_SWEEP_INTERVAL="1s",
+        CRUX_REDRIVE_AFTER="2s",
         CRUX_VISIBILITY_TIMEOUT="6s",
         CRUX_BROKER_OPTIONS='{"unacked_restore_interval": 1, "unacked_restore_throttle": 1}',
         CRUXTEST_EFFECTS=str(effects),
@@ -104,6 +106,39 @@ class Worker:
 
     def stop(self) -> None:
         self.kill(signal.SIGTERM)
+
+
+class Beat:
+    """One `crux-workers beat` in its own process group."""
+
+    def __init__(self, name: str, env: dict[str, str], log_dir: Path) -> None:
+        self.name = name
+        self.log = log_dir / f"{name}.log"
+        self._log_file = self.log.open("ab")
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "crux_workers",
+                "beat",
+                "--import",
+                "tests.integration.flows",
+                "--loglevel",
+                "INFO",
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, sig)
+        self.proc.wait(timeout=20)
+        self._log_file.close()
 
 
 class Effects:

@@ -8,7 +8,7 @@ import pytest
 
 from crux_workers import Crux, FlowHandle, Settings
 from tests.integration import flows as test_flows
-from tests.workers import Effects, Worker, fleet_env
+from tests.workers import Beat, Effects, Worker, fleet_env
 
 
 class Fleet:
@@ -19,7 +19,14 @@ class Fleet:
         self.effects = Effects(tmp / "effects.txt")
         self.env = fleet_env(pg_url, redis_url, self.effects.path)
         self.app = Crux(
-            Settings(database_url=pg_url, redis_url=redis_url, lease_ttl=3, visibility_timeout=6)
+            Settings(
+                database_url=pg_url,
+                redis_url=redis_url,
+                lease_ttl=3,
+                visibility_timeout=6,
+                sweep_interval=1,
+                redrive_after=2,
+            )
         )
         self.flows: dict[str, FlowHandle[Any]] = {}
         for value in vars(test_flows).values():
@@ -28,6 +35,12 @@ class Fleet:
                     value.fn
                 )
         self.workers: list[Worker] = []
+        self.beats: list[Beat] = []
+
+    def beat(self, name: str = "beat") -> Beat:
+        b = Beat(name, self.env, self.tmp)
+        self.beats.append(b)
+        return b
 
     def worker(self, name: str, **kwargs: Any) -> Worker:
         w = Worker(name, self.env, self.tmp, **kwargs)
@@ -37,6 +50,8 @@ class Fleet:
     def close(self) -> None:
         for w in self.workers:
             w.kill()
+        for b in self.beats:
+            b.kill()
         self.app.close()
 
 

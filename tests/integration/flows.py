@@ -75,3 +75,92 @@ def ticks(f: FlowContext[Count]) -> Any:
 @flow("pair", input=Count)
 def pair(f: FlowContext[Count]) -> Any:
     return [f.suspend("n"), f.suspend("n")]
+
+
+class Timed(BaseModel):
+    timeout: str = "2s"
+
+
+class Flaky(BaseModel):
+    failures: int
+    attempts: int = 3
+    non_retryable: bool = False
+
+
+class Nap(BaseModel):
+    duration: str = "1s"
+
+
+class Poll(BaseModel):
+    flag: str
+    every: str = "500ms"
+
+
+class Long(BaseModel):
+    seconds: float
+
+
+@flow("timed", input=Timed)
+def timed(f: FlowContext[Timed]) -> Any:
+    f.step("before", lambda: effect("before") or 1)
+    return f.suspend("go", timeout=f.input.timeout)
+
+
+def _failing_call(failures: int, non_retryable: bool) -> str:
+    """Fails the first `failures` calls for this flow (counted in the effects file)."""
+    from crux_workers import NonRetryableError
+
+    info = current_step()
+    effect("attempt")
+    with open(os.environ["CRUXTEST_EFFECTS"]) as fh:
+        calls = sum(1 for line in fh if line.startswith(f"{info.flow_id} attempt "))
+    if calls <= failures:
+        if non_retryable:
+            raise NonRetryableError(f"refused on call {calls}")
+        raise RuntimeError(f"transient failure on call {calls} (attempt {info.attempt})")
+    return f"ok on call {calls}"
+
+
+@flow("flaky", input=Flaky)
+def flaky(f: FlowContext[Flaky]) -> Any:
+    from crux_workers import Retry
+
+    f.step("before", lambda: effect("before") or 1)
+    return f.step(
+        "call",
+        lambda: _failing_call(f.input.failures, f.input.non_retryable),
+        retry=Retry(attempts=f.input.attempts, backoff="exponential", initial="1s", jitter=False),
+    )
+
+
+@flow("napper", input=Nap)
+def napper(f: FlowContext[Nap]) -> Any:
+    f.step("before", lambda: effect("before") or 1)
+    f.sleep("nap", f.input.duration)
+    return f.step("after", lambda: effect("after") or "awake")
+
+
+@flow("poller", input=Poll)
+def poller(f: FlowContext[Poll]) -> Any:
+    f.step("before", lambda: effect("before") or 1)
+
+    def check() -> Any:
+        effect("check")
+        return os.path.exists(f.input.flag) and {"seen": True}
+
+    got = f.wait_until("flag", check, every=f.input.every, timeout="60s")
+    f.step("after", lambda: effect("after") or 1)
+    return got
+
+
+@flow("long", input=Long)
+def long_flow(f: FlowContext[Long]) -> Any:
+    def work() -> str:
+        effect("long-start")
+        time.sleep(f.input.seconds)
+        effect("long-end")
+        return "done"
+
+    f.step("long", work)
+    f.step("next", lambda: effect("next") or 1)
+    return "unreachable if cancelled"

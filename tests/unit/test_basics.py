@@ -137,3 +137,23 @@ def test_public_names_are_pinned() -> None:
     )
     for name in crux_workers.__all__:
         assert getattr(crux_workers, name).__doc__, name
+
+
+def test_each_app_runs_its_own_tasks() -> None:
+    import warnings
+
+    from pydantic import BaseModel
+
+    from crux_workers import Crux
+
+    class Empty(BaseModel):
+        pass
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            app = Crux(Settings(database_url="sqlite://", redis_url="redis://127.0.0.1:1/0"))
+            handle = app.flow("same-name", input=Empty)(lambda f: None)
+            assert handle.task.name == "crux.flow.same-name"
+            app.celery.tasks["crux.sweep"]
+    assert [w for w in caught if "already registered" in str(w.message)] == []
