@@ -161,30 +161,28 @@ class FlowContext(Generic[InputT]):
         seq, occurrence, cp = self._next("step", name)
         if cp is not None:
             return _json.loads(cp.result)
+        started = utcnow()
+        attempt, value = self._run_user_code(seq, name, occurrence, fn, retry)
+        result = _encode(value, f"step {name!r}", name)
+        cp = Checkpoint(seq, "step", name, occurrence, result)
+        self._x.commit(cp, started_at=started, attempts=attempt)
+        return _json.loads(result)
+
+    def _run_user_code(
+        self, seq: int, name: str, occurrence: int, fn: Callable[[], Any], retry: Retry | None
+    ) -> tuple[int, Any]:
+        """Run a step's (or a condition's) function in its context; handle its failure."""
         self._x.before_step()
         attempt = self._x.attempt_for(seq)
-        started = utcnow()
-        info = StepInfo(self.flow_id, name, occurrence, seq, attempt)
-        token = _current_step.set(info)
+        token = _current_step.set(StepInfo(self.flow_id, name, occurrence, seq, attempt))
         try:
             with self._x.keep_lease():
-                value = call_maybe_async(fn)
+                return attempt, call_maybe_async(fn)
         except Exception as exc:
             failure = StepFailed.from_exception(exc, step=name, attempt=attempt)
             self._x.step_failed(seq, name, attempt, failure, retry)
         finally:
             _current_step.reset(token)
-        try:
-            result = _json.dumps(value)
-        except (TypeError, ValueError) as exc:
-            raise StepResultNotSerializable(
-                f"step {name!r} returned a {type(value).__name__} that cannot be stored as "
-                f"JSON: {exc}",
-                step=name,
-            ) from None
-        cp = Checkpoint(seq, "step", name, occurrence, result)
-        self._x.commit(cp, started_at=started, attempts=attempt)
-        return _json.loads(result)
 
     # -- time -------------------------------------------------------------------------
 
@@ -227,26 +225,11 @@ class FlowContext(Generic[InputT]):
         seq, occurrence, cp = self._next("wait", name)
         if cp is not None:
             return _json.loads(cp.result)
-        self._x.before_step()
         started = utcnow()
-        attempt = self._x.attempt_for(seq)
-        token = _current_step.set(StepInfo(self.flow_id, name, occurrence, seq, attempt))
-        try:
-            value = call_maybe_async(condition)
-        except Exception as exc:
-            failure = StepFailed.from_exception(exc, step=name, attempt=attempt)
-            self._x.step_failed(seq, name, attempt, failure, None)
-        finally:
-            _current_step.reset(token)
+        _, value = self._run_user_code(seq, name, occurrence, condition, None)
         if not value:
             self._x.poll_later(Suspension(seq, name, occurrence, timeout_s), every_s)
-        try:
-            result = _json.dumps(value)
-        except (TypeError, ValueError) as exc:
-            raise StepResultNotSerializable(
-                f"wait_until {name!r} returned a value that cannot be stored as JSON: {exc}",
-                step=name,
-            ) from None
+        result = _encode(value, f"wait_until {name!r}", name)
         cp = Checkpoint(seq, "wait", name, occurrence, result)
         self._x.commit(cp, started_at=started, attempts=1)
         return _json.loads(result)
@@ -274,6 +257,16 @@ class FlowContext(Generic[InputT]):
             cp = self._x.take_signal_or_suspend(point, _validator(schema))
         payload = _json.loads(cp.result)
         return schema.model_validate(payload) if schema is not None else payload
+
+
+def _encode(value: Any, what: str, step: str) -> str:
+    try:
+        return _json.dumps(value)
+    except (TypeError, ValueError) as exc:
+        raise StepResultNotSerializable(
+            f"{what} returned a {type(value).__name__} that cannot be stored as JSON: {exc}",
+            step=step,
+        ) from None
 
 
 def _validator(schema: type[BaseModel] | None) -> Callable[[str], str]:

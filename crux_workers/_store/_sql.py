@@ -293,7 +293,7 @@ class SqlStore:
             row = self._touch(conn, lease, ttl, next_seq=cp.seq + 1, retry_attempt=0)
             self._insert_step(conn, lease, cp, started_at=started_at, attempts=attempts)
             if row.cancel_reason is not None:
-                self._cancelled(conn, lease.flow_id)
+                self._end(conn, lease.flow_id, "cancelled")
                 return True
         return False
 
@@ -301,13 +301,22 @@ class SqlStore:
         """The record's notion of the current time (UTC)."""
         return self._now()
 
-    def _cancelled(self, conn: Connection, flow_id: str) -> None:
+    def _end(self, conn: Connection, flow_id: str, status: str, **values: Any) -> None:
+        """Give the flow a terminal status (the caller holds its row lock)."""
         now = self._now()
         conn.execute(
             update(flows)
             .where(flows.c.id == flow_id)
-            .values(status="cancelled", finished_at=now, updated_at=now, **_NO_LEASE)
+            .values(status=status, finished_at=now, updated_at=now, **_NO_LEASE, **values)
         )
+
+    def _touch_unless_cancelled(self, conn: Connection, lease: Lease) -> Any | None:
+        """The fenced touch; None (and the flow cancelled) if cancellation was asked."""
+        row = self._touch(conn, lease, 1.0)
+        if row.cancel_reason is not None:
+            self._end(conn, lease.flow_id, "cancelled")
+            return None
+        return row
 
     def _suspend(self, conn: Connection, flow_id: str, **values: Any) -> None:
         conn.execute(
@@ -328,7 +337,7 @@ class SqlStore:
         """Record a failed attempt; back off until ``retry_in`` seconds, or fail the flow."""
         now = self._now()
         with self._tx() as conn:
-            row = self._touch(conn, lease, 1.0)
+            row = self._touch_unless_cancelled(conn, lease)
             conn.execute(
                 self._insert(step_errors)
                 .values(
@@ -341,15 +350,10 @@ class SqlStore:
                 )
                 .on_conflict_do_nothing()
             )
-            if row.cancel_reason is not None:
-                self._cancelled(conn, lease.flow_id)
+            if row is None:
                 return "cancelled"
             if retry_in is None:
-                conn.execute(
-                    update(flows)
-                    .where(flows.c.id == lease.flow_id)
-                    .values(status="failed", error=error, finished_at=now, **_NO_LEASE)
-                )
+                self._end(conn, lease.flow_id, "failed", error=error)
                 return "failed"
             self._suspend(
                 conn,
@@ -365,9 +369,8 @@ class SqlStore:
     def suspend_until(self, lease: Lease, wake_at: datetime, kind: str) -> SuspendOutcome:
         """Suspend without waiting for a signal, until ``wake_at`` (a sleep)."""
         with self._tx() as conn:
-            row = self._touch(conn, lease, 1.0)
-            if row.cancel_reason is not None:
-                self._cancelled(conn, lease.flow_id)
+            row = self._touch_unless_cancelled(conn, lease)
+            if row is None:
                 return "cancelled"
             self._suspend(
                 conn, lease.flow_id, waiting_on=None, deadline=None, wake_at=wake_at, wake_kind=kind
@@ -377,18 +380,13 @@ class SqlStore:
     def poll_later(self, lease: Lease, point: Suspension, every: float) -> SuspendOutcome:
         """A ``wait_until`` check came back false: look again in ``every`` seconds."""
         with self._tx() as conn:
-            row = self._touch(conn, lease, 1.0)
-            if row.cancel_reason is not None:
-                self._cancelled(conn, lease.flow_id)
+            row = self._touch_unless_cancelled(conn, lease)
+            if row is None:
                 return "cancelled"
             now = self._now()
             deadline = _deadline(point, row.waiting_on, _aware(row.deadline), now)
             if deadline is not None and deadline <= now:
-                conn.execute(
-                    update(flows)
-                    .where(flows.c.id == lease.flow_id)
-                    .values(status="expired", finished_at=now, **_NO_LEASE)
-                )
+                self._end(conn, lease.flow_id, "expired")
                 return "expired"
             check = now + timedelta(seconds=every)
             self._suspend(
@@ -423,7 +421,7 @@ class SqlStore:
             until = _aware(row.lease_until)
             if row.status == "running" and row.lease_owner and until is not None and until >= now:
                 return "cancelling"
-            self._cancelled(conn, flow_id)
+            self._end(conn, flow_id, "cancelled")
         return "cancelled"
 
     def claim_tick(self, tick: int) -> bool:
@@ -510,7 +508,7 @@ class SqlStore:
         with self._tx() as conn:
             waiting = self._touch(conn, lease, ttl)
             if waiting.cancel_reason is not None:
-                self._cancelled(conn, lease.flow_id)
+                self._end(conn, lease.flow_id, "cancelled")
                 return "cancelled"
             while True:
                 pending = conn.execute(
@@ -547,11 +545,7 @@ class SqlStore:
             now = self._now()
             deadline = _deadline(point, waiting.waiting_on, _aware(waiting.deadline), now)
             if deadline is not None and deadline <= now:
-                conn.execute(
-                    update(flows)
-                    .where(flows.c.id == lease.flow_id)
-                    .values(status="expired", finished_at=now, **_NO_LEASE)
-                )
+                self._end(conn, lease.flow_id, "expired")
                 return "expired"
             conn.execute(
                 update(flows)
