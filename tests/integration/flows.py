@@ -9,6 +9,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from crux_workers import FlowContext, current_step, flow
+from crux_workers._demo import Signup, Verified
 
 
 def effect(name: str) -> None:
@@ -20,16 +21,6 @@ def effect(name: str) -> None:
         os.write(fd, line)
     finally:
         os.close(fd)
-
-
-class Signup(BaseModel):
-    email: str
-    name: str
-    goal: str
-
-
-class Verified(BaseModel):
-    verified_at: str
 
 
 class Sleepy(BaseModel):
