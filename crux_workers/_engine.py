@@ -12,6 +12,7 @@ import os
 import random
 import socket
 import threading
+import time
 import traceback
 import uuid
 from collections.abc import Callable, Iterator
@@ -31,6 +32,7 @@ from .errors import (
     FlowStopped,
     LeaseLost,
     StepFailed,
+    StoreError,
     Suspended,
     UnknownFlow,
 )
@@ -96,7 +98,6 @@ class _LeaseKeeper:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._watched: dict[int, tuple[Execution, float]] = {}
-        self._wake = threading.Event()
         self._pid = 0
 
     def _ensure_thread(self) -> None:
@@ -119,8 +120,8 @@ class _LeaseKeeper:
     def _run(self) -> None:
         due: dict[int, float] = {}
         while True:
-            self._wake.wait(0.25)
-            now = _monotonic()
+            time.sleep(0.25)
+            now = time.monotonic()
             with self._lock:
                 watched = list(self._watched.items())
             for key, (execution, interval) in watched:
@@ -131,12 +132,6 @@ class _LeaseKeeper:
             for key in list(due):
                 if key not in live:
                     del due[key]
-
-
-def _monotonic() -> float:
-    import time
-
-    return time.monotonic()
 
 
 _keeper = _LeaseKeeper()
@@ -350,10 +345,8 @@ class Engine:
         except LeaseLost as exc:
             log.warning("flow %s: %s; this execution stops without writing", flow_id, exc)
             return Advance("lost", steps_run=execution.steps_run)
-        except CruxError as exc:
-            if isinstance(exc, StepFailed) or not _is_infrastructure(exc):
-                return self._fail(execution, exc)
-            raise
+        except StoreError:
+            raise  # the record is unreachable: abandon this execution, do not fail the flow
         except Exception as exc:
             return self._fail(execution, exc)
 
@@ -365,10 +358,3 @@ class Engine:
             return Advance("lost", steps_run=execution.steps_run)
         self.cache.drop(execution.lease.flow_id)
         return Advance("failed", steps_run=execution.steps_run)
-
-
-def _is_infrastructure(exc: CruxError) -> bool:
-    """Errors of the record itself: the execution is abandoned, not the flow failed."""
-    from .errors import StoreError
-
-    return isinstance(exc, StoreError)

@@ -189,14 +189,18 @@ class MemoryStore:
             flow = self._touch(lease, ttl)
             self._insert_step(flow, cp, started_at, attempts)
             flow.retry_attempt = 0
-            if flow.cancel_reason is not None:
-                self._cancelled(flow)
-                return True
-            return False
+            return self._cancel_requested(flow)
 
     def now(self) -> datetime:
         """The store's clock."""
         return self._now()
+
+    def _cancel_requested(self, flow: _Flow) -> bool:
+        """After the fenced touch: end the flow cancelled if that was asked."""
+        if flow.cancel_reason is None:
+            return False
+        self._cancelled(flow)
+        return True
 
     def _cancelled(self, flow: _Flow) -> None:
         flow.status, flow.finished_at = "cancelled", self._now()
@@ -227,8 +231,7 @@ class MemoryStore:
             now = self._now()
             if not any((e.seq, e.attempt) == (seq, attempt) for e in flow.step_errors):
                 flow.step_errors.append(StepErrorRow(seq, attempt, name, error, now))
-            if flow.cancel_reason is not None:
-                self._cancelled(flow)
+            if self._cancel_requested(flow):
                 return "cancelled"
             if retry_in is None:
                 flow.status, flow.error, flow.finished_at = "failed", error, now
@@ -243,8 +246,7 @@ class MemoryStore:
         """Suspend until ``wake_at``."""
         with self._lock:
             flow = self._touch(lease, 1.0)
-            if flow.cancel_reason is not None:
-                self._cancelled(flow)
+            if self._cancel_requested(flow):
                 return "cancelled"
             flow.waiting_on = flow.deadline = None
             self._suspend(flow, wake_at, kind)
@@ -254,8 +256,7 @@ class MemoryStore:
         """Look again in ``every`` seconds, or expire past the deadline."""
         with self._lock:
             flow = self._touch(lease, 1.0)
-            if flow.cancel_reason is not None:
-                self._cancelled(flow)
+            if self._cancel_requested(flow):
                 return "cancelled"
             now = self._now()
             deadline = _deadline(point, flow.waiting_on, flow.deadline, now)
@@ -329,8 +330,7 @@ class MemoryStore:
         """Consume the oldest valid pending signal of that name as a checkpoint, or suspend."""
         with self._lock:
             flow = self._touch(lease, ttl)
-            if flow.cancel_reason is not None:
-                self._cancelled(flow)
+            if self._cancel_requested(flow):
                 return "cancelled"
             for i, sig in enumerate(flow.signals):
                 if sig.name != point.name or sig.status != "pending":
