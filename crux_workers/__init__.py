@@ -1,6 +1,7 @@
 """crux_workers: durable flows on Celery, Redis and Postgres."""
 
 from ._app import Crux, default_app, set_default_app
+from ._compose import SwarmMessage, SwarmResult, consensus, parallel, swarm
 from ._context import FlowContext, StepInfo, current_step
 from ._flow import FlowHandle, FlowRun, flow
 from ._models import (
@@ -13,7 +14,7 @@ from ._models import (
     StepState,
 )
 from ._settings import Settings
-from ._signals import cancel_flow, get_flow, signal_flow
+from ._signals import cancel_flow, get_flow, publish_signal, signal_flow
 from .errors import (
     ConfigurationError,
     CruxError,
@@ -24,8 +25,10 @@ from .errors import (
     FlowNotWaiting,
     InvalidDuration,
     InvalidInput,
+    NoConsensus,
     NonDeterminismError,
     NonRetryableError,
+    SignalRejected,
     StepFailed,
     StepResultNotSerializable,
     StoreError,
@@ -49,7 +52,14 @@ __all__ = [
     # signals and state
     "cancel_flow",
     "get_flow",
+    "publish_signal",
     "signal_flow",
+    # immediate compositions (inside a step)
+    "consensus",
+    "parallel",
+    "swarm",
+    "SwarmMessage",
+    "SwarmResult",
     # values
     "ErrorInfo",
     "FlowOutcome",
@@ -67,8 +77,10 @@ __all__ = [
     "FlowNotWaiting",
     "InvalidDuration",
     "InvalidInput",
+    "NoConsensus",
     "NonDeterminismError",
     "NonRetryableError",
+    "SignalRejected",
     "StepFailed",
     "StepResultNotSerializable",
     "StoreError",

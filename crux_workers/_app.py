@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import BaseModel
 
-from . import _json
+from . import _json, _wire
 from ._engine import Advance, Engine, FlowDef, Handler
 from ._models import ErrorInfo, FlowState, SignalReceipt, SignalState, StepState
 from ._settings import Settings, redact
@@ -133,6 +133,12 @@ class Crux:
         if self._store is None:
             with self._lock:
                 if self._store is None:
+                    if not self.settings.embedded and self.settings.database_url is None:
+                        raise ConfigurationError(
+                            "a broker is configured but CRUX_DATABASE_URL is not: this app "
+                            "can publish_signal, but recording or running flows needs the "
+                            "shared database"
+                        )
                     store = SqlStore(self.settings.effective_database_url)
                     if self.settings.auto_migrate:
                         try:
@@ -312,6 +318,40 @@ class Crux:
         return SignalReceipt(
             flow_id=flow_id, signal_id=got.signal_id, name=name, duplicate=got.duplicate
         )
+
+    def publish_signal(
+        self, flow_id: str, name: str, payload: Any = None, *, key: str | None = None
+    ) -> str:
+        """Publish a signal message for the ingress; needs only the broker. Returns its key.
+
+        Without ``key`` a unique one is made, so a redelivered message is recorded once.
+        The message is signed when ``signal_secret`` is set. On the embedded default
+        (no broker) the signal is recorded directly instead.
+        """
+        import uuid
+
+        _check_id(flow_id, "flow_id")
+        _check_id(name, "signal name")
+        key = key if key is not None else f"pub-{uuid.uuid4().hex}"
+        _check_id(key, "signal key")
+        s = self.settings
+        secret = s.signal_secret.get_secret_value().encode() if s.signal_secret else None
+        try:
+            body, headers = _wire.encode(flow_id, name, payload, key, secret)
+        except (TypeError, ValueError) as exc:
+            raise InvalidInput(f"signal {name!r}: payload is not JSON-able: {exc}") from None
+        if len(body.encode()) > s.signal_max_bytes:
+            raise InvalidInput(
+                f"signal {name!r}: message is {len(body.encode())} bytes, over "
+                f"CRUX_SIGNAL_MAX_BYTES={s.signal_max_bytes}; the ingress would refuse it"
+            )
+        if s.embedded:
+            self.signal_flow(flow_id, name, payload, key=key)
+            return key
+        from ._tasks import publish_json
+
+        publish_json(self.celery, s.signal_queue, body, headers)
+        return key
 
     def resume(self, flow_id: str) -> str:
         """Ask for a suspended flow to be replayed now; returns its flow name."""

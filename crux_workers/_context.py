@@ -22,12 +22,13 @@ from pydantic import BaseModel, ValidationError
 from . import _json
 from ._durations import Duration, parse_duration
 from ._models import Retry
-from ._store._sql import utcnow
+from ._store._clock import utcnow
 from ._store._types import Checkpoint, Suspension
 from .errors import (
     CruxError,
     InvalidInput,
     NonDeterminismError,
+    NonRetryableError,
     StepFailed,
     StepResultNotSerializable,
     Suspended,
@@ -60,6 +61,9 @@ class StepInfo:
 
 
 _current_step: ContextVar[StepInfo | None] = ContextVar("crux_current_step", default=None)
+# Set by parallel/consensus/swarm in each branch ("parallel branch 2"): checkpoints must
+# be taken in the handler's order, which concurrent branches cannot give.
+_branch: ContextVar[str | None] = ContextVar("crux_compose_branch", default=None)
 
 
 def current_step() -> StepInfo:
@@ -121,6 +125,12 @@ class FlowContext(Generic[InputT]):
     # -- replay ---------------------------------------------------------------------
 
     def _next(self, kind: str, name: str) -> tuple[int, int, Checkpoint | None]:
+        if (branch := _branch.get()) is not None:
+            raise NonRetryableError(
+                f"{kind} {name!r} called from {branch}: the flow's checkpoint API is not "
+                "available inside parallel, consensus or swarm branches; take the "
+                "checkpoints around the composition instead"
+            )
         occurrence = self._occurrences[name]
         self._occurrences[name] += 1
         seq = self._seq

@@ -93,3 +93,17 @@ class CeleryDispatcher:
 
     def close(self) -> None:
         """Nothing to release: Celery owns the producer pool."""
+
+
+class RecordOnlyDispatcher:
+    """Requests nothing: the record says what is due, and a running fleet's sweeper acts.
+
+    For short-lived processes on the embedded default (the CLI): running a flow on a
+    thread of a process about to exit would only leave it stalled for a while.
+    """
+
+    def enqueue(self, flow_name: str, flow_id: str, countdown: float | None = None) -> None:
+        """Do nothing: the flow is marked due in the record already."""
+
+    def close(self) -> None:
+        """Nothing to release."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Annotated, Any
 
-from pydantic import BeforeValidator, Field, ValidationError, model_validator
+from pydantic import BeforeValidator, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ._durations import parse_duration
@@ -49,6 +49,15 @@ class Settings(BaseSettings):
     countdown_limit: Seconds = Field(
         default=60.0, description="longest wait sent as a Celery countdown (beyond: sweeper only)"
     )
+    signal_queue: str = Field(
+        default="crux.signals", min_length=1, description="queue the ingress consumes"
+    )
+    signal_secret: SecretStr | None = Field(
+        default=None, description="HMAC-SHA256 key: when set, unsigned signal messages are refused"
+    )
+    signal_max_bytes: int = Field(
+        default=256 * 1024, ge=1024, description="largest published signal message accepted"
+    )
     embedded_threads: int = Field(default=4, ge=1, le=64, description="embedded executor threads")
     auto_migrate: bool = Field(default=True, description="bring the schema to head on first use")
 
@@ -58,9 +67,14 @@ class Settings(BaseSettings):
             ("postgresql", "sqlite")
         ):
             raise ValueError("database_url must be a postgresql+psycopg:// or sqlite:/// URL")
-        if self.broker_url and not self.database_url:
-            raise ValueError("a broker needs a shared database: set CRUX_DATABASE_URL too")
+        if self.signal_secret is not None and not self.signal_secret.get_secret_value():
+            raise ValueError("signal_secret must not be empty (unset it to turn signing off)")
         return self
+
+    @property
+    def fleet_ready(self) -> bool:
+        """True when both a broker and a shared database are configured (a worker's needs)."""
+        return self.effective_broker_url is not None and self.database_url is not None
 
     @property
     def embedded(self) -> bool:

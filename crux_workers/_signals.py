@@ -1,4 +1,4 @@
-"""Module-level calls on the default app: ``signal_flow``, ``get_flow``."""
+"""Module-level calls on the default app: signals, cancellation, reads."""
 
 from __future__ import annotations
 
@@ -32,3 +32,13 @@ def cancel_flow(flow_id: str, reason: str = "") -> str:
 def get_flow(flow_id: str) -> FlowState:
     """Everything the record holds about a flow; ``FlowNotFound`` if there is none."""
     return default_app().get_flow(flow_id)
+
+
+def publish_signal(flow_id: str, name: str, payload: Any = None, *, key: str | None = None) -> str:
+    """Publish a signal for the ingress to record: for services that reach only the broker.
+
+    Needs ``CRUX_REDIS_URL`` or ``CRUX_BROKER_URL`` (no database, no flow code). The
+    message is signed with ``CRUX_SIGNAL_SECRET`` when set. Returns the signal's key
+    (a fresh one when none is given), which deduplicates redelivered messages.
+    """
+    return default_app().publish_signal(flow_id, name, payload, key=key)

@@ -89,3 +89,23 @@ def register_flow_task(app: Celery, crux: Crux, defn: FlowDef) -> Any:
     return app.task(
         name=name, acks_late=True, reject_on_worker_lost=True, shared=False, typing=False
     )(advance_flow)
+
+
+def publish_json(app: Celery, queue_name: str, body: str, headers: dict[str, str]) -> None:
+    """Publish a JSON text as is (no Celery task envelope) on a durable queue."""
+    from kombu.entity import Queue
+
+    queue = Queue(queue_name, routing_key=queue_name, durable=True)
+    with app.producer_or_acquire() as producer:
+        producer.publish(
+            body,
+            exchange="",
+            routing_key=queue_name,
+            content_type="application/json",
+            content_encoding="utf-8",
+            headers=headers,
+            delivery_mode=2,
+            declare=[queue],
+            retry=True,
+            retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5},
+        )

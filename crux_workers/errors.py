@@ -100,12 +100,19 @@ class StepFailed(CruxError):
             error_type=f"{type(exc).__module__}.{type(exc).__qualname__}",
             error_message=str(exc),
             traceback="".join(traceback.format_exception(exc)),
-            retryable=not isinstance(exc, NonRetryableError),
+            retryable=_retryable(exc),
         )
 
 
 class NonRetryableError(CruxError):
     """Raise (or subclass) in a step to fail it at once, skipping remaining retries."""
+
+
+def _retryable(exc: BaseException) -> bool:
+    # A group (from parallel, consensus, swarm) is retryable unless every error in it is not.
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.split(NonRetryableError)[1] is not None
+    return not isinstance(exc, NonRetryableError)
 
 
 class WaitTimeout(CruxError, TimeoutError):
@@ -114,6 +121,46 @@ class WaitTimeout(CruxError, TimeoutError):
 
 class StoreError(CruxError):
     """The durable record could not be reached or refused an operation."""
+
+
+class NoConsensus(CruxError):
+    """``consensus`` found no value that reached the quorum; ``counts`` holds the tally."""
+
+    counts: dict[str, int]
+    quorum: int
+    n: int
+    failed: int
+
+
+class SignalRejected(CruxError):
+    """A published signal message was refused (bad JSON, fields, signature, size, flow)."""
+
+    reason: str
+    detail: str
+
+
+class TaskFailed(CruxError):
+    """A child task started with ``run_task`` failed; its error type and message are attached."""
+
+
+class ModelError(CruxError):
+    """A model call for ``crux_workers.ai.generate`` failed."""
+
+
+class ModelHTTPError(ModelError):
+    """The model server answered with an HTTP error status (``status``, ``body``)."""
+
+
+class ModelRequestRejected(ModelHTTPError, NonRetryableError):
+    """The model server refused the request itself (a 4xx other than 408, 409, 429)."""
+
+
+class ModelTimeout(ModelError, TimeoutError):
+    """The model server did not answer in time."""
+
+
+class ModelResponseError(ModelError, NonRetryableError):
+    """The model server answered with something that is not a usable completion."""
 
 
 class ControlFlow(BaseException):

@@ -166,3 +166,43 @@ class Effects:
                     return line
             time.sleep(0.02)
         raise TimeoutError(f"no side effect {step!r} within {timeout}s")
+
+
+class Service:
+    """Any `crux-workers <command>` in its own process group, logging to a file."""
+
+    def __init__(self, name: str, env: dict[str, str], log_dir: Path, *args: str) -> None:
+        self.name = name
+        self.log = log_dir / f"{name}.log"
+        self._log_file = self.log.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "crux_workers", *args],
+            cwd=REPO,
+            env=env,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def wait_for(self, text: str, timeout: float = 30) -> Service:
+        """Wait until ``text`` appears in the log; fail early if the process exits."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if text.encode() in self.log.read_bytes():
+                return self
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited:\n{self.tail()}")
+            time.sleep(0.05)
+        raise RuntimeError(f"{self.name}: no {text!r} in {timeout}s:\n{self.tail()}")
+
+    def tail(self, lines: int = 40) -> str:
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def kill(self, sig: int = signal.SIGKILL) -> int:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, sig)
+        code = self.proc.wait(timeout=20)
+        self._log_file.close()
+        return code

@@ -14,13 +14,16 @@ from typing import Any, Literal
 
 from .._models import TERMINAL
 from ..errors import FlowAlreadyFinished, FlowNotFound, FlowNotWaiting, LeaseLost, StoreError
-from ._sql import _deadline, utcnow
+from ._clock import utcnow
+from ._sql import _deadline
 from ._types import (
     Checkpoint,
     Claimed,
+    FlowFilter,
     FlowRow,
     Lease,
     NotClaimed,
+    RejectedRow,
     SignalResult,
     SignalRow,
     StepErrorRow,
@@ -68,6 +71,7 @@ class MemoryStore:
         self._now = clock
         self._signal_ids = 0
         self._ticks: set[int] = set()
+        self._rejected: list[RejectedRow] = []
         self.commits = 0
 
     def _get(self, flow_id: str) -> _Flow:
@@ -427,6 +431,54 @@ class MemoryStore:
             fields["steps"], fields["signals"] = list(f.steps), list(f.signals)
             fields["step_errors"] = list(f.step_errors)
         return FlowRow(**fields)
+
+    def list_flows(self, where: FlowFilter) -> list[FlowRow]:
+        """Flows matching ``where``, newest first, without steps or signals."""
+        with self._lock:
+            found = [
+                f
+                for f in self._flows.values()
+                if (where.status is None or f.status == where.status)
+                and (where.name is None or f.name == where.name)
+                and (where.waiting_on is None or f.waiting_on == where.waiting_on)
+            ]
+            found.sort(key=lambda f: (-f.created_at.timestamp(), f.id))
+            return [self._row(f, details=False) for f in found[: where.limit]]
+
+    def purge_finished(self, before: datetime) -> int:
+        """Delete finished flows that ended before ``before``."""
+        with self._lock:
+            gone = [
+                f.id
+                for f in self._flows.values()
+                if f.status in TERMINAL and f.finished_at is not None and f.finished_at < before
+            ]
+            for flow_id in gone:
+                del self._flows[flow_id]
+            return len(gone)
+
+    def record_rejected(
+        self,
+        reason: str,
+        detail: str,
+        raw: str,
+        *,
+        flow_id: str | None = None,
+        name: str | None = None,
+        key: str | None = None,
+    ) -> int:
+        """Keep a refused ingress message with its reason; returns its id."""
+        with self._lock:
+            row = RejectedRow(
+                len(self._rejected) + 1, reason, detail, flow_id, name, key, raw, self._now()
+            )
+            self._rejected.append(row)
+            return row.id
+
+    def list_rejected(self, limit: int = 100) -> list[RejectedRow]:
+        """The most recently refused ingress messages, newest first."""
+        with self._lock:
+            return list(reversed(self._rejected))[:limit]
 
     def close(self) -> None:
         """Nothing to release."""

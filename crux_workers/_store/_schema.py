@@ -107,3 +107,41 @@ sweeps = Table(
     Column("tick", BigInteger, primary_key=True, autoincrement=False),
     Column("swept_at", DateTime(timezone=True), nullable=False),
 )
+
+# Messages the ingress refused (bad JSON, fields, signature, size, unknown flow):
+# acknowledged so they never block the queue, and kept here so none is lost silently.
+rejected_signals = Table(
+    "crux_rejected_signals",
+    metadata,
+    Column("id", _BigId, primary_key=True, autoincrement=True),
+    Column("reason", String(32), nullable=False),
+    Column("detail", Text, nullable=False),
+    Column("flow_id", String(200)),
+    Column("name", String(200)),
+    Column("key", String(200)),
+    Column("raw", Text, nullable=False),
+    Column("received_at", DateTime(timezone=True), nullable=False),
+    Index("ix_crux_rejected_signals_received", "received_at"),
+)
+
+# Child tasks started by ``run_task``: the flow's inbox for their outcome, like signals.
+tasks = Table(
+    "crux_tasks",
+    metadata,
+    Column(
+        "flow_id", String(200), ForeignKey("crux_flows.id", ondelete="CASCADE"), primary_key=True
+    ),
+    Column("seq", Integer, primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("task", String(200), nullable=False),
+    Column("task_id", String(300), nullable=False, unique=True),
+    Column("attempt", Integer, nullable=False),
+    Column("call", Text, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("result", Text),
+    Column("error", Text),
+    Column("sends", Integer, nullable=False, server_default="1"),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("sent_at", DateTime(timezone=True), nullable=False),
+    Column("completed_at", DateTime(timezone=True)),
+)

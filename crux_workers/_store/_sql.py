@@ -12,7 +12,7 @@ import os
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from sqlalchemy import (
@@ -33,7 +33,10 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from .._models import TERMINAL
 from .._settings import redact
 from ..errors import FlowAlreadyFinished, FlowNotFound, FlowNotWaiting, LeaseLost, StoreError
+from ._clock import aware as _aware
+from ._clock import utcnow
 from ._schema import flows, signals, step_errors, steps, sweeps
+from ._sql_admin import SqlAdmin
 from ._types import (
     Checkpoint,
     Claimed,
@@ -61,18 +64,6 @@ _NO_LEASE: dict[str, Any] = {
     "deadline": None,
 }
 _SIGNAL_BATCH = 50
-
-
-def utcnow() -> datetime:
-    """The current time, timezone-aware UTC."""
-    return datetime.now(UTC)
-
-
-def _aware(value: datetime | None) -> datetime | None:
-    # SQLite hands back naive datetimes; everything crux stores is UTC.
-    if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=UTC)
-    return value
 
 
 def _deadline(
@@ -108,7 +99,7 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_size=10, max_overflow=20, pool_recycle=1800)
 
 
-class SqlStore:
+class SqlStore(SqlAdmin):
     """``CruxStore`` on PostgreSQL or SQLite."""
 
     def __init__(

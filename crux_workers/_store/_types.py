@@ -149,6 +149,30 @@ class Suspension:
     timeout: float | None
 
 
+@dataclass(frozen=True, slots=True)
+class RejectedRow:
+    """A published signal message the ingress refused, kept with its reason."""
+
+    id: int
+    reason: str
+    detail: str
+    flow_id: str | None
+    name: str | None
+    key: str | None
+    raw: str
+    received_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class FlowFilter:
+    """Which flows ``list_flows`` returns; ``None`` fields do not filter."""
+
+    status: str | None = None
+    name: str | None = None
+    waiting_on: str | None = None
+    limit: int = 100
+
+
 # Turns a signal payload (JSON text) into the JSON text to checkpoint, or raises
 # ValueError with the reason the payload is rejected.
 Validator = Callable[[str], str]
@@ -254,6 +278,31 @@ class CruxStore(Protocol):
 
     def get_flow(self, flow_id: str, *, details: bool = True) -> FlowRow:
         """The flow's row, with steps and signals when ``details``; ``FlowNotFound`` if none."""
+        ...
+
+    def list_flows(self, where: FlowFilter) -> list[FlowRow]:
+        """Flows matching ``where``, newest first, without steps or signals."""
+        ...
+
+    def purge_finished(self, before: datetime) -> int:
+        """Delete finished flows (with their steps and signals) that ended before ``before``."""
+        ...
+
+    def record_rejected(
+        self,
+        reason: str,
+        detail: str,
+        raw: str,
+        *,
+        flow_id: str | None = None,
+        name: str | None = None,
+        key: str | None = None,
+    ) -> int:
+        """Keep a refused ingress message with its reason; returns its id."""
+        ...
+
+    def list_rejected(self, limit: int = 100) -> list[RejectedRow]:
+        """The most recently refused ingress messages, newest first."""
         ...
 
     def close(self) -> None:

@@ -10,8 +10,10 @@ import pytest
 import crux_workers
 from crux_workers import (
     ConfigurationError,
+    Crux,
     FlowNotWaiting,
     InvalidDuration,
+    InvalidInput,
     NonDeterminismError,
     Retry,
     Settings,
@@ -54,7 +56,17 @@ def test_settings_parse_durations_and_refuse_bad_urls(monkeypatch: pytest.Monkey
     with pytest.raises(ConfigurationError):
         Settings.from_env(database_url="mysql://x")
     with pytest.raises(ConfigurationError):
-        Settings.from_env(broker_url="redis://127.0.0.1:1/0")
+        Settings.from_env(signal_secret="")
+
+
+def test_a_broker_only_app_publishes_but_refuses_to_record() -> None:
+    # A service that only publishes signals has the broker and no database.
+    app = Crux(Settings(broker_url="redis://127.0.0.1:1/0"))
+    assert not app.settings.embedded and not app.settings.fleet_ready
+    with pytest.raises(ConfigurationError, match="CRUX_DATABASE_URL"):
+        app.get_flow("x")
+    with pytest.raises(InvalidInput, match="CRUX_SIGNAL_MAX_BYTES"):
+        app.publish_signal("f", "n", "x" * 300_000)
 
 
 def test_embedded_default_without_urls() -> None:
@@ -113,26 +125,34 @@ def test_public_names_are_pinned() -> None:
             "FlowState",
             "InvalidDuration",
             "InvalidInput",
+            "NoConsensus",
             "NonDeterminismError",
             "NonRetryableError",
             "Retry",
             "Settings",
             "SignalReceipt",
+            "SignalRejected",
             "SignalState",
             "StepFailed",
             "StepInfo",
             "StepResultNotSerializable",
             "StepState",
             "StoreError",
+            "SwarmMessage",
+            "SwarmResult",
             "UnknownFlow",
             "WaitTimeout",
             "cancel_flow",
+            "consensus",
             "current_step",
             "default_app",
             "flow",
             "get_flow",
+            "parallel",
+            "publish_signal",
             "set_default_app",
             "signal_flow",
+            "swarm",
         ]
     )
     for name in crux_workers.__all__:

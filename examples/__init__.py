@@ -1,0 +1,1 @@
+"""Runnable examples of crux_workers flows (the seed's writer and onboarding flows)."""
