@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from pydantic import BaseModel
 
 from . import _json, _wire
-from ._engine import Advance, Engine, FlowDef, Handler
+from ._engine import Advance, Engine, FlowDef, Handler, error_json
 from ._models import ErrorInfo, FlowState, SignalReceipt, SignalState, StepState
 from ._settings import Settings, redact
 from ._store._cache import MemoryStepCache, RedisStepCache
@@ -23,7 +23,9 @@ from .errors import (
     ConfigurationError,
     DuplicateFlowName,
     InvalidInput,
+    NonRetryableError,
     StoreError,
+    TaskFailed,
     UnknownFlow,
 )
 
@@ -77,6 +79,8 @@ class Crux:
         self._dispatcher: Dispatcher | None = dispatcher
         self._celery: Celery | None = None
         self._lock = threading.RLock()
+        # Child task objects seen in this process, for the embedded default to run them.
+        self._children: dict[str, Any] = {}
 
     # -- definitions ----------------------------------------------------------------
 
@@ -172,7 +176,12 @@ class Crux:
             with self._lock:
                 if self._engine is None:
                     self._engine = Engine(
-                        self.store, self.cache, self.lookup, lease_ttl=self.settings.lease_ttl
+                        self.store,
+                        self.cache,
+                        self.lookup,
+                        lease_ttl=self.settings.lease_ttl,
+                        send_child=self._send_child,
+                        task_resend_after=self.settings.task_resend_after,
                     )
         return self._engine
 
@@ -297,6 +306,88 @@ class Crux:
         except Exception as exc:
             # The record still says what is due; the sweeper re-sends it.
             log.warning("flow %s: could not enqueue (%r); the sweeper will", flow_id, exc)
+
+    # -- child tasks (run_task) ------------------------------------------------------------
+
+    def _send_child(self, task_id: str, call_json: str, child: Any) -> None:
+        call = _json.loads(call_json)
+        if child is not None:
+            self._children[call["task"]] = child
+        if self.settings.embedded:
+            threading.Thread(
+                target=self._run_child_here,
+                args=(task_id, call),
+                name=f"crux-child-{call['task']}",
+                daemon=True,
+            ).start()
+            return
+        from ._tasks import send_child
+
+        try:
+            send_child(self.celery, self.settings.queue, task_id, call)
+        except Exception as exc:
+            log.warning(
+                "child task %s could not be sent (%r); it is sent again after %ss",
+                task_id,
+                exc,
+                self.settings.task_resend_after,
+            )
+
+    def _run_child_here(self, task_id: str, call: dict[str, Any]) -> None:
+        """The embedded default has no broker: run the child on a thread of this process."""
+        fn = self._children.get(call["task"])
+        if fn is None:
+            self.complete_task(
+                task_id,
+                error=TaskFailed(
+                    f"task {call['task']!r} is not available in this process (the embedded "
+                    "default runs children locally: pass the task object, not its name)",
+                    task=call["task"],
+                ),
+            )
+            return
+        try:
+            value = fn(*call["args"], **call["kwargs"])
+        except Exception as exc:
+            self.complete_task(task_id, error=exc)
+        else:
+            self.complete_task(task_id, result=value)
+
+    def complete_task(
+        self,
+        task_id: str,
+        *,
+        result: Any = None,
+        error: BaseException | None = None,
+        remote_failure: bool = False,
+    ) -> bool:
+        """Record a child task's outcome (once) and wake its flow. True if it was new."""
+        if not isinstance(task_id, str) or not task_id.startswith("crux:"):
+            log.error("dropping a child outcome with a malformed task id %r", task_id)
+            return False
+        if remote_failure:
+            error = TaskFailed(
+                f"child task {task_id} failed on a worker that does not report its error "
+                "across services; see that worker's log",
+                task_id=task_id,
+            )
+        result_json: str | None = None
+        if error is None:
+            try:
+                result_json = _json.dumps(result)
+            except (TypeError, ValueError) as exc:
+                error = TaskFailed(f"child task {task_id} returned a value that is not JSON: {exc}")
+        error_text = None
+        if error is not None:
+            info = ErrorInfo.model_validate_json(error_json(error))
+            retryable = not isinstance(error, NonRetryableError)
+            error_text = info.model_copy(
+                update={"details": {**info.details, "retryable": retryable}}
+            ).model_dump_json()
+        woke = self.store.complete_task(task_id, result=result_json, error=error_text)
+        if woke is not None:
+            self._enqueue_quietly(woke[0], woke[1], None)
+        return woke is not None
 
     # -- signals and reads ------------------------------------------------------------------
 

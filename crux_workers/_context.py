@@ -21,9 +21,9 @@ from pydantic import BaseModel, ValidationError
 
 from . import _json
 from ._durations import Duration, parse_duration
-from ._models import Retry
+from ._models import ErrorInfo, Retry
 from ._store._clock import utcnow
-from ._store._types import Checkpoint, Suspension
+from ._store._types import Checkpoint, Suspension, TaskError, TaskPoint
 from .errors import (
     CruxError,
     InvalidInput,
@@ -244,6 +244,57 @@ class FlowContext(Generic[InputT]):
         self._x.commit(cp, started_at=started, attempts=1)
         return _json.loads(result)
 
+    # -- child tasks --------------------------------------------------------------------
+
+    def run_task(
+        self,
+        name: str,
+        task: Any,
+        /,
+        *args: Any,
+        retry: Retry | None = None,
+        resend_after: Duration | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Run a Celery task on whatever worker its queue reaches; return its result.
+
+        ``task`` is a Celery task, a signature (``t.s(...).set(queue="gpu")``), or a
+        task name registered in another service. The child is sent once (task id
+        ``crux:<flow>:<seq>:<attempt>``), the flow suspends without holding a worker,
+        and the child's result is recorded as this step's result and resumes the flow.
+        A failed child follows ``retry`` like a failed step. If no outcome arrives
+        within ``resend_after`` (default ``CRUX_TASK_RESEND_AFTER``), the child is sent
+        again under the same task id: children run at least once, like steps.
+        """
+        _check_name(name, "run_task")
+        task_name, call, child = _task_call(name, task, args, kwargs)
+        resend = (
+            parse_duration(resend_after, what=f"run_task {name!r} resend_after")
+            if resend_after is not None
+            else self._x.engine.task_resend_after
+        )
+        seq, occurrence, cp = self._next("task", name)
+        if cp is not None:
+            return _json.loads(cp.result)
+        self._x.before_step()
+        attempt = self._x.attempt_for(seq)
+        point = TaskPoint(seq, name, occurrence, attempt, task_name, call, resend)
+        got = self._x.take_task(point, child)
+        if isinstance(got, TaskError):
+            info = ErrorInfo.model_validate_json(got.error)
+            failure = StepFailed(
+                f"child task {task_name!r} of step {name!r} failed on attempt {attempt}: "
+                f"{info.type}: {info.message}",
+                step=name,
+                attempt=attempt,
+                error_type=info.type,
+                error_message=info.message,
+                traceback=info.traceback or "",
+                retryable=bool(info.details.get("retryable", True)),
+            )
+            self._x.step_failed(seq, name, attempt, failure, retry)
+        return _json.loads(got.result)
+
     # -- suspend ----------------------------------------------------------------------
 
     def suspend(
@@ -267,6 +318,43 @@ class FlowContext(Generic[InputT]):
             cp = self._x.take_signal_or_suspend(point, _validator(schema))
         payload = _json.loads(cp.result)
         return schema.model_validate(payload) if schema is not None else payload
+
+
+_ROUTING = ("queue", "routing_key", "exchange", "priority")
+
+
+def _task_call(
+    step: str, task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[str, str, Any]:
+    """The child's name, its call as JSON (what a resend needs), and the object if any."""
+    child: Any = None
+    options: dict[str, Any] = {}
+    if isinstance(task, str) and task:
+        name = task
+    elif isinstance(task, dict) and isinstance(task.get("task"), str):
+        # A Celery signature (a dict subclass): its arguments come first.
+        name = task["task"]
+        args = (*task.get("args", ()), *args)
+        kwargs = {**task.get("kwargs", {}), **kwargs}
+        options = {k: v for k, v in task.get("options", {}).items() if k in _ROUTING}
+    elif isinstance(getattr(task, "name", None), str) and callable(
+        getattr(task, "apply_async", None)
+    ):
+        name, child = task.name, task
+        if getattr(task, "queue", None):
+            options["queue"] = task.queue
+    else:
+        raise InvalidInput(
+            f"run_task {step!r}: task must be a Celery task, a signature or a task name, "
+            f"got {type(task).__name__}"
+        )
+    try:
+        call = _json.dumps({"task": name, "args": list(args), "kwargs": kwargs, "options": options})
+    except (TypeError, ValueError) as exc:
+        raise InvalidInput(
+            f"run_task {step!r}: arguments of {name!r} must be JSON-able: {exc}"
+        ) from None
+    return name, call, child
 
 
 def _encode(value: Any, what: str, step: str) -> str:

@@ -26,7 +26,18 @@ from pydantic import BaseModel, ValidationError
 from . import _json
 from ._context import FlowContext
 from ._models import ErrorInfo, Retry
-from ._store._types import Checkpoint, Claimed, CruxStore, Lease, StepCache, Suspension, Validator
+from ._store._types import (
+    Checkpoint,
+    Claimed,
+    CruxStore,
+    Lease,
+    StepCache,
+    Suspension,
+    TaskError,
+    TaskPoint,
+    TaskSend,
+    Validator,
+)
 from .errors import (
     CruxError,
     FlowStopped,
@@ -238,6 +249,29 @@ class Execution:
         got = self.engine.store.poll_later(self.lease, point, every)
         self._outcome(got, point.name, every)
 
+    def take_task(self, point: TaskPoint, child: Any) -> Checkpoint | TaskError:
+        """The child task's result as the checkpoint; else (re)send it and suspend."""
+        got = self.engine.store.take_task_or_send(self.lease, point, self.engine.lease_ttl)
+        if isinstance(got, TaskSend):
+            # After the commit: a send that is lost is repaired by the resend timer,
+            # a send that happens twice is one task id, recorded once.
+            log.info(
+                "flow %s: child task %r sent (%s)", self.lease.flow_id, point.name, got.task_id
+            )
+            self.engine.send_child(got.task_id, got.call, child)
+            raise Suspended(point.name)
+        if isinstance(got, TaskError):
+            return got
+        if not isinstance(got, Checkpoint):
+            self._outcome(got, point.name)
+        self.engine.cache.add(self.lease.flow_id, got)
+        self.history.append(got)
+        self.steps_run += 1
+        log.info(
+            "flow %s: child task %r result committed (#%d)", self.lease.flow_id, point.name, got.seq
+        )
+        return got
+
     def take_signal_or_suspend(self, point: Suspension, validate: Validator) -> Checkpoint:
         """Consume a waiting signal as the checkpoint, or suspend and end the execution."""
         got = self.engine.store.take_signal_or_suspend(
@@ -253,6 +287,10 @@ class Execution:
         return got
 
 
+def _no_children(task_id: str, call: str, child: Any) -> None:
+    raise CruxError("this engine was built without a way to send child tasks")
+
+
 class Engine:
     """Advances flows: the one entry point the task layer (Celery or threads) calls."""
 
@@ -263,11 +301,15 @@ class Engine:
         lookup: Callable[[str], FlowDef],
         *,
         lease_ttl: float = 30.0,
+        send_child: Callable[[str, str, Any], None] | None = None,
+        task_resend_after: float = 300.0,
     ) -> None:
         self.store = store
         self.cache = cache
         self.lookup = lookup
         self.lease_ttl = lease_ttl
+        self.send_child = send_child or _no_children
+        self.task_resend_after = task_resend_after
 
     def _owner(self) -> str:
         return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"

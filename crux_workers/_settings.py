@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     countdown_limit: Seconds = Field(
         default=60.0, description="longest wait sent as a Celery countdown (beyond: sweeper only)"
     )
+    task_resend_after: Seconds = Field(
+        default=300.0, description="send a run_task child again if no outcome came by then"
+    )
     signal_queue: str = Field(
         default="crux.signals", min_length=1, description="queue the ingress consumes"
     )

@@ -20,6 +20,8 @@ log = logging.getLogger("crux_workers.tasks")
 
 TASK_PREFIX = "crux.flow."
 SWEEP_TASK = "crux.sweep"
+TASK_DONE = "crux.task_done"
+TASK_FAILED = "crux.task_failed"
 
 
 def task_name(flow_name: str) -> str:
@@ -66,9 +68,57 @@ def make_celery(crux: Crux) -> Celery:
         report = crux.sweep()
         return {"tick": report.tick, "expired": report.expired, "published": report.published}
 
+    _register_child_callbacks(app, crux)
     for defn in crux.flow_defs():
         register_flow_task(app, crux, defn)
     return app
+
+
+def _register_child_callbacks(app: Celery, crux: Crux) -> None:
+    """The link and link_error of every child sent by ``run_task``.
+
+    A record that is down makes them retry; past that, the flow's resend timer sends
+    the child again, so an outcome is never lost for good.
+    """
+    from .errors import StoreError
+
+    retrying = {
+        "shared": False,
+        "acks_late": True,
+        "autoretry_for": (StoreError,),
+        "retry_backoff": True,
+        "retry_backoff_max": 30,
+        "max_retries": 20,
+    }
+
+    @app.task(name=TASK_DONE, **retrying)  # type: ignore[untyped-decorator]
+    def task_done(result: Any, task_id: str) -> None:
+        crux.complete_task(task_id, result=result)
+
+    @app.task(name=TASK_FAILED, **retrying)  # type: ignore[untyped-decorator]
+    def task_failed(request: Any, exc: Any = None, traceback: Any = None) -> None:
+        # Called in-process, with the error, when the child ran on a crux worker; sent
+        # as a message with just the child's task id when it ran on another service's.
+        if isinstance(request, str):
+            crux.complete_task(request, error=None, remote_failure=True)
+        else:
+            error = exc if isinstance(exc, BaseException) else RuntimeError(repr(exc))
+            crux.complete_task(str(request.id), error=error)
+
+
+def send_child(app: Celery, queue: str, task_id: str, call: dict[str, Any]) -> None:
+    """Publish a ``run_task`` child with its outcome routed back to the flow queue."""
+    done = app.signature(TASK_DONE, args=(task_id,), queue=queue)
+    failed = app.signature(TASK_FAILED, queue=queue)
+    app.send_task(
+        call["task"],
+        args=call["args"],
+        kwargs=call["kwargs"],
+        task_id=task_id,
+        link=done,
+        link_error=failed,
+        **call["options"],
+    )
 
 
 def register_flow_task(app: Celery, crux: Crux, defn: FlowDef) -> Any:

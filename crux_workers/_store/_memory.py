@@ -13,9 +13,17 @@ from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from .._models import TERMINAL
-from ..errors import FlowAlreadyFinished, FlowNotFound, FlowNotWaiting, LeaseLost, StoreError
+from ..errors import (
+    FlowAlreadyFinished,
+    FlowNotFound,
+    FlowNotWaiting,
+    LeaseLost,
+    NonDeterminismError,
+    StoreError,
+)
 from ._clock import utcnow
 from ._sql import _deadline
+from ._sql_tasks import task_id_for
 from ._types import (
     Checkpoint,
     Claimed,
@@ -31,6 +39,9 @@ from ._types import (
     SuspendOutcome,
     Suspension,
     SweepResult,
+    TaskError,
+    TaskPoint,
+    TaskSend,
     Validator,
 )
 
@@ -62,6 +73,21 @@ class _Flow:
     step_errors: list[StepErrorRow] = dataclasses.field(default_factory=list)
 
 
+@dataclasses.dataclass
+class _Task:
+    flow_id: str
+    name: str
+    task_id: str
+    attempt: int
+    call: str
+    created_at: datetime
+    sent_at: datetime
+    status: str = "pending"
+    result: str | None = None
+    error: str | None = None
+    sends: int = 1
+
+
 class MemoryStore:
     """``CruxStore`` in a dict under one lock."""
 
@@ -72,6 +98,7 @@ class MemoryStore:
         self._signal_ids = 0
         self._ticks: set[int] = set()
         self._rejected: list[RejectedRow] = []
+        self._tasks: dict[tuple[str, int], _Task] = {}
         self.commits = 0
 
     def _get(self, flow_id: str) -> _Flow:
@@ -431,6 +458,74 @@ class MemoryStore:
             fields["steps"], fields["signals"] = list(f.steps), list(f.signals)
             fields["step_errors"] = list(f.step_errors)
         return FlowRow(**fields)
+
+    def take_task_or_send(
+        self, lease: Lease, point: TaskPoint, ttl: float
+    ) -> Checkpoint | TaskSend | TaskError | SuspendOutcome:
+        """The child task's outcome as a checkpoint, or what to do about it."""
+        with self._lock:
+            flow = self._touch(lease, ttl)
+            if self._cancel_requested(flow):
+                return "cancelled"
+            now = self._now()
+            row = self._tasks.get((flow.id, point.seq))
+            if row is not None and row.name != point.name:
+                raise NonDeterminismError(
+                    f"flow {flow.id}: checkpoint {point.seq} started child task {row.name!r}, "
+                    f"the replay asked for {point.name!r}",
+                    flow_id=flow.id,
+                    seq=point.seq,
+                )
+            if row is None or (row.status == "failed" and row.attempt < point.attempt):
+                row = _Task(
+                    flow.id,
+                    point.name,
+                    task_id_for(flow.id, point.seq, point.attempt),
+                    point.attempt,
+                    point.call,
+                    created_at=now,
+                    sent_at=now,
+                )
+                self._tasks[(flow.id, point.seq)] = row
+                self._wait_for_child(flow, point, now)
+                return TaskSend(row.task_id, row.call)
+            if row.status == "succeeded":
+                assert row.result is not None
+                cp = Checkpoint(point.seq, "task", point.name, point.occurrence, row.result)
+                self._insert_step(flow, cp, row.created_at, row.attempt)
+                flow.retry_attempt = 0
+                flow.waiting_on = None
+                return cp
+            if row.status == "failed":
+                assert row.error is not None
+                return TaskError(row.error)
+            if row.sent_at + timedelta(seconds=point.resend_after) <= now:
+                row.sends += 1
+                row.sent_at = now
+                self._wait_for_child(flow, point, now)
+                return TaskSend(row.task_id, row.call)
+            self._wait_for_child(flow, point, row.sent_at)
+            return "suspended"
+
+    def _wait_for_child(self, flow: _Flow, point: TaskPoint, sent_at: datetime) -> None:
+        self._suspend(flow, sent_at + timedelta(seconds=point.resend_after), "task")
+        flow.waiting_on, flow.deadline = f"task:{point.name}", None
+
+    def complete_task(
+        self, task_id: str, *, result: str | None, error: str | None
+    ) -> tuple[str, str] | None:
+        """Record a child's outcome once; the (flow name, flow id) to wake, if any."""
+        with self._lock:
+            row = next((t for t in self._tasks.values() if t.task_id == task_id), None)
+            if row is None or row.status != "pending":
+                return None
+            row.status = "failed" if error is not None else "succeeded"
+            row.result, row.error = result, error
+            flow = self._flows.get(row.flow_id)
+            if flow is not None and flow.status == "suspended" and flow.wake_kind == "task":
+                flow.wake_at, flow.wake_kind = self._now(), "run"
+                return flow.name, flow.id
+            return None
 
     def list_flows(self, where: FlowFilter) -> list[FlowRow]:
         """Flows matching ``where``, newest first, without steps or signals."""

@@ -37,6 +37,7 @@ from ._clock import aware as _aware
 from ._clock import utcnow
 from ._schema import flows, signals, step_errors, steps, sweeps
 from ._sql_admin import SqlAdmin
+from ._sql_tasks import SqlTasks
 from ._types import (
     Checkpoint,
     Claimed,
@@ -99,7 +100,7 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_size=10, max_overflow=20, pool_recycle=1800)
 
 
-class SqlStore(SqlAdmin):
+class SqlStore(SqlAdmin, SqlTasks):
     """``CruxStore`` on PostgreSQL or SQLite."""
 
     def __init__(

@@ -150,6 +150,34 @@ class Suspension:
 
 
 @dataclass(frozen=True, slots=True)
+class TaskPoint:
+    """A ``run_task`` checkpoint: which attempt, what to call (JSON), how long to trust a send."""
+
+    seq: int
+    name: str
+    occurrence: int
+    attempt: int
+    task: str
+    call: str
+    resend_after: float
+
+
+@dataclass(frozen=True, slots=True)
+class TaskSend:
+    """Publish the child now (after the commit): its task id and call (JSON)."""
+
+    task_id: str
+    call: str
+
+
+@dataclass(frozen=True, slots=True)
+class TaskError:
+    """The child of this attempt failed; ``error`` is the recorded ``ErrorInfo`` JSON."""
+
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
 class RejectedRow:
     """A published signal message the ingress refused, kept with its reason."""
 
@@ -278,6 +306,24 @@ class CruxStore(Protocol):
 
     def get_flow(self, flow_id: str, *, details: bool = True) -> FlowRow:
         """The flow's row, with steps and signals when ``details``; ``FlowNotFound`` if none."""
+        ...
+
+    def take_task_or_send(
+        self, lease: Lease, point: TaskPoint, ttl: float
+    ) -> Checkpoint | TaskSend | TaskError | SuspendOutcome:
+        """The child task's outcome as a checkpoint, or what to do about it.
+
+        In one fenced transaction: a succeeded child becomes the step's checkpoint; a
+        failed one (of this attempt) is returned as ``TaskError``; a new attempt, or a
+        send older than ``resend_after``, gives ``TaskSend`` (the flow suspends, and the
+        caller publishes after the commit); a child still running gives "suspended".
+        """
+        ...
+
+    def complete_task(
+        self, task_id: str, *, result: str | None, error: str | None
+    ) -> tuple[str, str] | None:
+        """Record a child's outcome once; the (flow name, flow id) to wake, if any."""
         ...
 
     def list_flows(self, where: FlowFilter) -> list[FlowRow]:

@@ -6,9 +6,10 @@ import os
 import time
 from typing import Any
 
+from celery import signature
 from pydantic import BaseModel
 
-from crux_workers import FlowContext, current_step, flow
+from crux_workers import FlowContext, Retry, current_step, flow
 from crux_workers._demo import Signup, Verified
 
 
@@ -155,3 +156,24 @@ def long_flow(f: FlowContext[Long]) -> Any:
     f.step("long", work)
     f.step("next", lambda: effect("next") or 1)
     return "unreachable if cancelled"
+
+
+class Topic(BaseModel):
+    topic: str
+    fail_times: int = 0
+    resend_after: str = "5m"
+
+
+@flow("delegating", input=Topic)
+def delegating(f: FlowContext[Topic]) -> Any:
+    # Another service's task, known by name only; its signature routes it to that
+    # service's queue.
+    plan = f.run_task(
+        "plan",
+        signature("children.plan", queue="children"),
+        f.input.topic,
+        fail_times=f.input.fail_times,
+        retry=Retry(attempts=3, backoff="fixed", initial="300ms", jitter=False),
+        resend_after=f.input.resend_after,
+    )
+    return f.step("write", lambda: effect("write") or {"plan": plan})
