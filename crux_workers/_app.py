@@ -361,7 +361,11 @@ class Crux:
         error: BaseException | None = None,
         remote_failure: bool = False,
     ) -> bool:
-        """Record a child task's outcome (once) and wake its flow. True if it was new."""
+        """Record a child task's outcome (the first one counts) and wake its flow.
+
+        Returns True when this outcome woke the flow; False for a duplicate, a stale
+        attempt, an unknown task id, or a flow that is not waiting for it.
+        """
         if not isinstance(task_id, str) or not task_id.startswith("crux:"):
             log.error("dropping a child outcome with a malformed task id %r", task_id)
             return False

@@ -126,3 +126,26 @@ def test_embedded_default_cli_records_without_running(tmp_path: Any) -> None:
     missing = cli(env, "flows", "signal", "nope", "x", "1")
     assert missing.returncode == 1 and "no flow 'nope'" in missing.stderr
     assert time.monotonic() - start < 60
+
+
+def test_dev_runs_worker_beat_and_ingress_together_and_stops_them_all(fleet: Fleet) -> None:
+    import signal as signals
+
+    from crux_workers import Crux, Settings
+    from tests.workers import Service
+
+    dev = Service("dev", fleet.env, fleet.tmp, "dev", "--import", "tests.integration.flows")
+    try:
+        dev.wait_for("ingress: consuming", timeout=60).wait_for("ready.", timeout=60)
+        run = fleet.flows["onboarding"].run(input=SIGNUP)
+        wait_status(run, "suspended")
+        publisher = Crux(Settings(redis_url=fleet.redis_url))
+        try:
+            publisher.publish_signal(run.flow_id, "email-verified", {"verified_at": "now"})
+        finally:
+            publisher.close()
+        assert run.wait(timeout=60).status == "completed"
+    finally:
+        code = dev.kill(signals.SIGTERM)
+    assert code == 0, dev.tail()
+    assert "beat: Starting" in dev.log.read_text(errors="replace")
