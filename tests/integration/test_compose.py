@@ -1,0 +1,653 @@
+"""docker-compose.yml, the Dockerfile and deploy/ taken at their word.
+
+No Docker engine here: each compose service runs as a local process with its command
+and environment as written (see tests/deployment.py for the two translations made),
+against the test's Postgres and two redis-servers started from the compose file's own
+redis commands. A flow then goes through migrate, worker, beat and ingress.
+"""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+import re
+import subprocess
+import sys
+import time
+import tomllib
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import redis
+from sqlalchemy import create_engine, text
+
+from crux_workers import Crux, FlowHandle, FlowRun, Settings, default_app, set_default_app
+from crux_workers._store._migrate import current_revision, head_revision
+from crux_workers.cli import main as cli_main
+from tests.deployment import (
+    REPO,
+    ServiceProcess,
+    copy_sources,
+    dockerfile,
+    dockerignored,
+    final_stage,
+    healthcheck_argv,
+    image_entrypoint,
+    image_env,
+    image_workdir,
+    import_guard,
+    interpolate,
+    load_compose,
+    load_manifests,
+    local_argv,
+    localise_urls,
+    parse_duration,
+    process_env,
+    running,
+    service_argv,
+    service_environment,
+)
+from tests.servers import PostgresServer, free_port
+
+EXAMPLE = "examples.onboarding"
+CRUX_SERVICES = ("migrate", "worker", "beat", "ingress")
+LONG_RUNNING = ("worker", "beat", "ingress")
+SIGNUP = {
+    "email": "u@example.com",
+    "name": "Henri",
+    "goal": "shipping",
+    "checkins": 1,
+    "checkin_every": "1s",
+}
+VERIFIED = {"verified_at": "2026-11-21T10:00:00Z"}
+SECRET = "compose-test-signal-key"
+# What an operator would put in .env: a faster sweep so the test sees beat work quickly.
+SHELL = {"CRUX_SWEEP_INTERVAL": "1s", "WORKER_CONCURRENCY": "2", "CRUX_SIGNAL_SECRET": SECRET}
+_db_numbers = itertools.count(1)
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def settings_kwargs(env: dict[str, str]) -> dict[str, Any]:
+    """The CRUX_* variables of ``env`` as Settings keyword arguments."""
+    return {k.removeprefix("CRUX_").lower(): v for k, v in env.items() if k.startswith("CRUX_")}
+
+
+def redis_client(url: str) -> redis.Redis:
+    parts = urlsplit(url)
+    assert parts.hostname == "127.0.0.1" and parts.port, url  # loopback only
+    db = int(parts.path.lstrip("/") or 0)
+    return redis.Redis(host=parts.hostname, port=parts.port, db=db, socket_timeout=10)
+
+
+def wait_for(what: str, check: Any, timeout: float = 30) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        got = check()
+        if got:
+            return got
+        assert time.monotonic() < deadline, f"{what}: not within {timeout}s (last: {got!r})"
+        time.sleep(0.05)
+
+
+def wait_status(run: FlowRun, status: str, stack: Stack, timeout: float = 60) -> None:
+    def reached() -> bool:
+        for p in stack.processes:
+            if p.name != "migrate":
+                p.assert_running()
+        return run.state().status == status
+
+    try:
+        wait_for(f"flow {run.flow_id} {status}", reached, timeout)
+    except AssertionError as exc:
+        logs = "\n".join(p.tail() for p in stack.processes)
+        raise AssertionError(f"{exc}; flow is {run.state().status}\n{logs}") from None
+
+
+class Stack:
+    """The compose file's services on this machine: its redis commands, our Postgres."""
+
+    def __init__(self, db_url: str, tmp: Path, shell: dict[str, str]) -> None:
+        self.compose = load_compose()
+        self.services: dict[str, Any] = self.compose["services"]
+        self.shell = shell
+        self.tmp = tmp
+        self.processes: list[ServiceProcess] = []
+        self.guard = import_guard(tmp / "image-site")
+        self.urls = {"postgres": db_url}
+
+    def start_redis(self) -> None:
+        """Both Redis services, from their compose commands."""
+        for name in ("redis-broker", "redis-cache"):
+            self.urls[name] = self._start_redis(name)
+
+    def _start_redis(self, name: str) -> str:
+        service = self.services[name]
+        port = free_port()
+        data = self.tmp / name
+        data.mkdir()
+        # As written, then bound to loopback on a free port in a temp dir (later args win).
+        argv = [interpolate(a, self.shell) for a in service["command"]] + [
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(data),
+            "--daemonize",
+            "no",
+            "--logfile",
+            str(data / "redis.log"),
+        ]
+        proc = ServiceProcess(name, argv, {"PATH": "/usr/local/bin:/usr/bin:/bin"}, self.tmp)
+        self.processes.append(proc)
+        url = f"redis://127.0.0.1:{port}/0"
+
+        def answers() -> bool:
+            proc.assert_running()
+            try:
+                with redis_client(url) as client:
+                    return bool(client.ping())
+            except redis.ConnectionError:
+                return False
+
+        wait_for(f"{name} answers PING", answers)
+        return url
+
+    def env(self, name: str) -> dict[str, str]:
+        """The service's environment as written, with loopback URLs for the services."""
+        written = service_environment(self.services[name], self.shell)
+        env = localise_urls(written, self.urls)
+        for key, value in env.items():
+            if "://" in value:  # nothing may reach past this machine
+                assert urlsplit(value).hostname == "127.0.0.1", f"{name}: {key}={value}"
+        return env
+
+    def start(self, name: str) -> ServiceProcess:
+        argv = local_argv(service_argv(self.services[name], self.shell))
+        proc = ServiceProcess(name, argv, process_env(self.env(name), self.guard), self.tmp)
+        self.processes.append(proc)
+        return proc
+
+    def migrate(self) -> None:
+        proc = self.start("migrate")
+        code = proc.wait_exit(timeout=120)
+        assert code == 0, proc.tail()
+
+    def app(self, service: str, **overrides: Any) -> Crux:
+        """An app in the test process configured exactly like ``service``."""
+        return Crux(Settings(**{**settings_kwargs(self.env(service)), **overrides}))
+
+    def grace(self, name: str) -> float:
+        return parse_duration(self.services[name].get("stop_grace_period", "10s"))
+
+
+def onboarding_on(app: Crux) -> FlowHandle[Any]:
+    """The example's onboarding flow, defined on ``app`` by importing the module as the
+    services do (its ``@flow`` uses the default app, swapped for ``app`` meanwhile)."""
+    previous = default_app()
+    set_default_app(app)
+    try:
+        module = sys.modules.get(EXAMPLE)
+        module = importlib.reload(module) if module else importlib.import_module(EXAMPLE)
+    finally:
+        set_default_app(previous)
+    handle = module.onboarding
+    assert isinstance(handle, FlowHandle) and handle.app is app
+    return handle
+
+
+@pytest.fixture
+def empty_db(pg: PostgresServer) -> Iterator[str]:
+    """A database with no schema at all, so `migrate` has real work to do."""
+    name = f"compose_{next(_db_numbers)}_{uuid.uuid4().hex[:8]}"
+    pg.create_database(name)
+    yield pg.url(name)
+    pg.drop_database(name)
+
+
+@pytest.fixture
+def stack(empty_db: str, tmp_path: Path) -> Iterator[Stack]:
+    s = Stack(empty_db, tmp_path, dict(SHELL))
+    with running(s.processes):
+        s.start_redis()
+        yield s
+
+
+def db_revision(url: str) -> str | None:
+    engine = create_engine(url)
+    try:
+        return current_revision(engine)
+    finally:
+        engine.dispose()
+
+
+def db_count(url: str, query: str) -> int:
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return int(conn.execute(text(query)).scalar_one())
+    finally:
+        engine.dispose()
+
+
+# -- the services, run ---------------------------------------------------------------------------
+
+
+def test_compose_migrate_worker_and_beat_run_the_onboarding_flow(stack: Stack) -> None:
+    db_url = stack.urls["postgres"]
+    assert db_revision(db_url) is None
+    stack.migrate()
+    assert db_revision(db_url) == head_revision()
+
+    app = stack.app("worker")
+    broker = redis_client(stack.urls["redis-broker"])
+    cache = redis_client(stack.urls["redis-cache"])
+    try:
+        onboarding = onboarding_on(app)
+        queue = stack.env("worker")["CRUX_QUEUE"]
+        # The redis-servers run with the compose file's options: a broker that never
+        # evicts and persists, a cache that evicts.
+        assert broker.config_get("maxmemory-policy")["maxmemory-policy"] == "noeviction"
+        assert broker.config_get("appendonly")["appendonly"] == "yes"
+        assert cache.config_get("maxmemory-policy")["maxmemory-policy"] == "allkeys-lru"
+        assert cache.config_get("appendonly")["appendonly"] == "no"
+
+        # Before any worker: the start message waits in the broker Redis, in the list that
+        # KEDA watches (named after the queue), and not in the cache Redis.
+        run = onboarding.run(input=SIGNUP)
+        assert broker.llen(queue) == 1
+        assert not cache.exists(queue)
+
+        worker = stack.start("worker")
+        worker.wait_log(b"ready.")
+        wait_status(run, "suspended", stack)
+        assert broker.llen(queue) == 0
+        # Step results are cached in the cache Redis, never in the broker's.
+        prefix = app.settings.redis_prefix
+        assert cache.keys(f"{prefix}:*"), "no step cache keys in the cache Redis"
+        assert not broker.keys(f"{prefix}:*")
+
+        stack.start("beat")
+        app.signal_flow(run.flow_id, "email-verified", VERIFIED)
+        outcome = run.wait(timeout=60)
+        assert outcome.status == "completed", outcome
+        assert outcome.result["verified_at"] == VERIFIED["verified_at"]
+        assert outcome.result["checkins"] == 1
+
+        # Beat sends the sweep on its schedule; a worker runs it and claims the tick.
+        wait_for("a sweep tick", lambda: db_count(db_url, "SELECT count(*) FROM crux_sweeps"))
+
+        check = stack.services["worker"]["healthcheck"]
+        health = local_argv(healthcheck_argv(stack.services["worker"]))
+        worker_env = process_env(stack.env("worker"), stack.guard)
+        timeout = parse_duration(check["timeout"])
+        done = subprocess.run(
+            health, cwd=REPO, env=worker_env, capture_output=True, text=True, timeout=timeout
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+
+        # `docker stop`: SIGTERM, a warm shutdown within the grace period.
+        for name in ("worker", "beat"):
+            proc = next(p for p in stack.processes if p.name == name)
+            proc.stop_signal()
+            assert proc.wait_exit(timeout=stack.grace(name)) == 0, proc.tail()
+
+        # And the health check notices a worker that is gone.
+        done = subprocess.run(
+            health, cwd=REPO, env=worker_env, capture_output=True, text=True, timeout=timeout
+        )
+        assert done.returncode != 0, "health check passed with no worker running"
+    finally:
+        app.close()
+        broker.close()
+        cache.close()
+
+
+def test_compose_ingress_records_published_signals_signed_with_the_shared_secret(
+    stack: Stack,
+) -> None:
+    stack.migrate()
+    ingress_env = stack.env("ingress")
+    assert ingress_env.get("CRUX_SIGNAL_SECRET") == SECRET  # passed through from .env
+    publisher = stack.app("ingress")
+    forger = stack.app("ingress", signal_secret="not-the-shared-secret")
+    try:
+        onboarding = onboarding_on(publisher)
+        stack.start("worker").wait_log(b"ready.")
+        ingress = stack.start("ingress")
+        run = onboarding.run(input=SIGNUP)
+        wait_status(run, "suspended", stack)
+
+        db_url = stack.urls["postgres"]
+        forger.publish_signal(run.flow_id, "email-verified", VERIFIED)
+        wait_for(
+            "the forged signal refused",
+            lambda: db_count(db_url, "SELECT count(*) FROM crux_rejected_signals"),
+        )
+        assert run.state().status == "suspended"
+
+        publisher.publish_signal(run.flow_id, "email-verified", VERIFIED)
+        outcome = run.wait(timeout=60)
+        assert outcome.status == "completed", outcome
+
+        ingress.stop_signal()
+        assert ingress.wait_exit(timeout=stack.grace("ingress")) == 0, ingress.tail()
+    finally:
+        publisher.close()
+        forger.close()
+
+
+# -- docker-compose.yml, read -----------------------------------------------------------------
+
+
+def test_compose_file_shape() -> None:
+    compose = load_compose()
+    services = compose["services"]
+    assert set(services) == {
+        "postgres",
+        "redis-broker",
+        "redis-cache",
+        *CRUX_SERVICES,
+    }
+
+    # One image, one build, for every crux process.
+    images = {
+        (str(services[n].get("image")), repr(services[n].get("build"))) for n in CRUX_SERVICES
+    }
+    assert len(images) == 1, images
+    assert all(services[n].get("build") for n in CRUX_SERVICES)
+
+    # Scalable worker, single beat.
+    worker, beat = services["worker"], services["beat"]
+    assert "container_name" not in worker and "ports" not in worker
+    assert beat.get("deploy", {}).get("replicas") == 1
+    assert not any("ports" in services[n] for n in CRUX_SERVICES)
+
+    # migrate runs once, first; the others wait for it to succeed.
+    assert services["migrate"]["restart"] == "no"
+    assert services["migrate"]["command"] == ["db", "upgrade"]
+    assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    for name in LONG_RUNNING:
+        deps = services[name]["depends_on"]
+        assert deps["migrate"]["condition"] == "service_completed_successfully", name
+        assert services[name]["restart"] in ("unless-stopped", "always", "on-failure"), name
+        for dep, spec in deps.items():
+            if spec["condition"] == "service_healthy":
+                assert "healthcheck" in services[dep], f"{name} waits on {dep}'s health"
+
+    # Health checks where they mean something.
+    for name in ("postgres", "redis-broker", "redis-cache", "worker"):
+        assert services[name]["healthcheck"]["test"], name
+    assert "pg_isready" in services["postgres"]["healthcheck"]["test"]
+    for name in ("redis-broker", "redis-cache"):
+        assert services[name]["healthcheck"]["test"][-2:] == ["redis-cli", "ping"]
+
+    # The broker must not evict and must persist; the cache may evict.
+    def redis_options(name: str) -> dict[str, str]:
+        args = services[name]["command"]
+        assert args[0] == "redis-server"
+        return {k.lstrip("-"): v for k, v in zip(args[1::2], args[2::2], strict=True)}
+
+    broker, cache = redis_options("redis-broker"), redis_options("redis-cache")
+    assert broker["maxmemory-policy"] == "noeviction"
+    assert broker["appendonly"] == "yes"
+    assert any("/data" in v for v in services["redis-broker"]["volumes"])
+    assert cache["maxmemory-policy"] in ("allkeys-lru", "allkeys-lfu")
+    assert cache.get("appendonly") == "no"
+
+    # Each URL points at the right server.
+    env = service_environment(services["worker"], {})
+    assert urlsplit(env["CRUX_DATABASE_URL"]).hostname == "postgres"
+    assert urlsplit(env["CRUX_BROKER_URL"]).hostname == "redis-broker"
+    assert urlsplit(env["CRUX_REDIS_URL"]).hostname == "redis-cache"
+
+    # Every crux service is configured the same way; the signal secret only reaches the
+    # ingress (publishers sign with it, the workers never see it).
+    for name in CRUX_SERVICES:
+        got = service_environment(services[name], {"CRUX_SIGNAL_SECRET": "x"})
+        assert (got.pop("CRUX_SIGNAL_SECRET", None) == "x") == (name == "ingress"), name
+        assert got == env, name
+
+
+def test_compose_settings_are_known_and_their_defaults_match_the_code() -> None:
+    services = load_compose()["services"]
+    for name in CRUX_SERVICES:
+        env = service_environment(services[name], {"CRUX_SIGNAL_SECRET": "x"})
+        # Refuses unknown settings and bad values, as every service would at start.
+        Settings(**settings_kwargs(env))
+    # A compose default that drifted from the code's default would be a silent fork.
+    written = services["worker"]["environment"]
+    env = service_environment(services["worker"], {})
+    defaults = Settings()
+    for key, value in written.items():
+        if isinstance(value, str) and value.startswith("${" + key + ":-"):
+            field = key.removeprefix("CRUX_").lower()
+            parsed = getattr(Settings(**{field: env[key]}), field)
+            assert parsed == getattr(defaults, field), key
+    grace = parse_duration(services["worker"]["stop_grace_period"])
+    assert grace < Settings(visibility_timeout=env["CRUX_VISIBILITY_TIMEOUT"]).visibility_timeout
+    assert parse_duration(services["worker"]["healthcheck"]["timeout"]) > 5.0  # ping waits 5 s
+
+
+def test_compose_commands_are_crux_cli_commands() -> None:
+    services = load_compose()["services"]
+    commands = set(cli_main.commands)
+    for name in CRUX_SERVICES:
+        argv = service_argv(services[name], {})
+        assert argv[:3] == ["tini", "--", "crux-workers"], argv
+        assert argv[3] in commands, f"{name}: no `crux-workers {argv[3]}` command"
+        if name != "migrate":
+            assert argv[4:6] == ["--import", "examples.onboarding"], argv
+        assert (REPO / "examples" / "onboarding.py").exists()
+
+
+# -- Dockerfile and .dockerignore ---------------------------------------------------------------
+
+
+def test_dockerfile_builds_a_non_root_image_with_the_examples() -> None:
+    instructions = dockerfile()
+    froms = [i.args for i in instructions if i.keyword == "FROM"]
+    assert froms and all(f.startswith("python:3.11-slim") for f in froms), froms
+
+    runtime = final_stage()
+    user = [i.args for i in runtime if i.keyword == "USER"]
+    assert user and user[-1].split(":")[0] not in ("root", "0"), user
+    assert image_entrypoint()[-1] == "crux-workers"
+    assert image_workdir() == "/app"
+    assert image_env()["PYTHONPATH"] == "/app"
+    assert "examples" in copy_sources(runtime)
+
+    # The wheel is built from what pyproject.toml needs, all of it in the context.
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    sources = copy_sources(instructions)
+    for needed in ("pyproject.toml", project["readme"], "crux_workers"):
+        assert needed in sources, f"the build does not copy {needed}"
+    for src in sources:
+        assert (REPO / src).exists(), f"COPY {src}: not in the repository"
+        assert not dockerignored(src), f"COPY {src}: left out by .dockerignore"
+
+    tracked = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "crux_workers", "examples"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert tracked
+    assert not [p for p in tracked if dockerignored(p) and not p.endswith((".pyc", ".pyo"))]
+    for heavy in (".git/HEAD", ".venv/bin/python", "tests/conftest.py", ".env"):
+        assert dockerignored(heavy), heavy
+
+
+# -- deploy/ (Kubernetes) -----------------------------------------------------------------------
+
+
+def _by_kind(docs: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
+    return {d["metadata"]["name"]: d for d in docs if d["kind"] == kind}
+
+
+def _crux_containers(docs: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    out = []
+    for d in docs:
+        if d["kind"] in ("Deployment", "Job", "StatefulSet"):
+            for c in d["spec"]["template"]["spec"]["containers"]:
+                if str(c["image"]).startswith("crux-workers"):
+                    out.append((d["metadata"]["name"], c))
+    return out
+
+
+def test_kubernetes_manifests_are_consistent() -> None:
+    manifests = load_manifests()
+    assert manifests, "no manifests under deploy/"
+    docs = [d for file_docs in manifests.values() for d in file_docs]
+    for path, file_docs in manifests.items():
+        for d in file_docs:
+            assert {"apiVersion", "kind"} <= set(d), path
+            assert "namespace" not in d.get("metadata", {}), f"{path}: pins a namespace"
+            assert "namespace" not in d, f"{path}: pins a namespace"
+            if d["kind"] != "Kustomization":
+                assert d["metadata"]["name"], path
+
+    # Every manifest is listed by a kustomization, and every listed file exists.
+    listed: set[Path] = set()
+    for path, file_docs in manifests.items():
+        for d in file_docs:
+            if d["kind"] == "Kustomization":
+                for res in d.get("resources", []):
+                    assert (path.parent / res).exists(), f"{path}: {res} missing"
+                    listed.add((path.parent / res).resolve())
+    for path, file_docs in manifests.items():
+        if any(d["kind"] != "Kustomization" for d in file_docs):
+            assert path.resolve() in listed, f"{path} is in no kustomization"
+
+    config = _by_kind(docs, "ConfigMap")["crux-config"]["data"]
+    secret = _by_kind(docs, "Secret")["crux-secrets"]["stringData"]
+    settings = Settings(**settings_kwargs({**config, **secret}))
+    module = config["APP_MODULE"]
+    assert (REPO / (module.replace(".", "/") + ".py")).exists(), module
+    assert set(secret) == {"CRUX_DATABASE_URL", "CRUX_SIGNAL_SECRET"}
+    assert not [k for k in config if "PASSWORD" in k or "SECRET" in k]
+
+    deployments = _by_kind(docs, "Deployment")
+    worker = deployments["crux-worker"]
+    beat = deployments["crux-beat"]
+    assert "crux-ingress" in deployments
+    assert beat["spec"]["replicas"] == 1
+    assert beat["spec"]["strategy"]["type"] == "Recreate"
+
+    # Every crux container: one image, its entrypoint kept, a real CLI command.
+    containers = _crux_containers(docs)
+    assert {name for name, _ in containers} >= {
+        "crux-worker",
+        "crux-beat",
+        "crux-ingress",
+        "crux-migrate",
+    }
+    assert len({c["image"] for _, c in containers}) == 1
+    commands = set(cli_main.commands)
+    configmaps = _by_kind(docs, "ConfigMap")
+    for name, c in containers:
+        assert "command" not in c, f"{name} overrides the image's entrypoint"
+        # Kubernetes leaves an unresolvable $(VAR) in args as it is: it must be defined.
+        defined = {e["name"] for e in c.get("env", [])}
+        for source in c.get("envFrom", []):
+            defined |= set(configmaps[source["configMapRef"]["name"]]["data"])
+        for var in re.findall(r"\$\((\w+)\)", " ".join(c["args"])):
+            assert var in defined, f"{name}: $({var}) is not in its environment"
+        assert c["args"][0] in commands, f"{name}: no `crux-workers {c['args'][0]}` command"
+        crux_env = [e["name"] for e in c.get("env", []) if e["name"].startswith("CRUX_")]
+        for var in crux_env:
+            assert var.removeprefix("CRUX_").lower() in Settings.model_fields, var
+        signs = "CRUX_SIGNAL_SECRET" in crux_env
+        assert signs == (name == "crux-ingress"), f"{name}: signal secret where not needed"
+    job = _by_kind(docs, "Job")["crux-migrate"]
+    assert job["spec"]["template"]["spec"]["containers"][0]["args"] == ["db", "upgrade"]
+    assert job["spec"]["template"]["spec"]["restartPolicy"] in ("Never", "OnFailure")
+
+    # Graceful termination: longer than a step, shorter than broker redelivery.
+    pod = worker["spec"]["template"]["spec"]
+    grace = pod["terminationGracePeriodSeconds"]
+    assert 60 <= grace < settings.visibility_timeout
+    (wc,) = pod["containers"]
+    assert wc["resources"]["requests"] and wc["resources"]["limits"]["memory"]
+    # The probe is the compose file's health check, which the compose test runs.
+    compose_check = load_compose()["services"]["worker"]["healthcheck"]["test"]
+    assert wc["livenessProbe"]["exec"]["command"] == compose_check[1:]
+    assert wc["startupProbe"]["exec"]["command"] == compose_check[1:]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+
+    # KEDA scales the worker Deployment on the length of the flow queue's Redis list.
+    (scaled,) = _by_kind(docs, "ScaledObject").values()
+    assert scaled["spec"]["scaleTargetRef"]["name"] == "crux-worker"
+    assert scaled["spec"]["scaleTargetRef"].get("kind", "Deployment") == "Deployment"
+    assert scaled["spec"]["minReplicaCount"] >= 1
+    (trigger,) = scaled["spec"]["triggers"]
+    meta = trigger["metadata"]
+    assert trigger["type"] == "redis"
+    assert meta["listName"] == settings.queue == Settings.model_fields["queue"].default
+    broker = urlsplit(settings.effective_broker_url or "")
+    assert meta["databaseIndex"] == (broker.path.lstrip("/") or "0")
+    host, _, port = meta["address"].rpartition(":")
+    # KEDA dials from its own namespace: the broker's Service name, fully qualified.
+    assert host.startswith(f"{broker.hostname}.") and host.endswith(".svc.cluster.local")
+    assert int(port) == (broker.port or 6379)
+
+    # The broker Redis must not evict and must persist; the cache may evict.
+    services = _by_kind(docs, "Service")
+    assert {broker.hostname, urlsplit(settings.redis_url or "").hostname} <= set(services)
+    redis_conf = {
+        name: data["redis.conf"]
+        for name, data in ((n, cm["data"]) for n, cm in _by_kind(docs, "ConfigMap").items())
+        if "redis.conf" in data
+    }
+    broker_conf = redis_conf[f"{broker.hostname}"]
+    cache_conf = redis_conf[f"{urlsplit(settings.redis_url or '').hostname}"]
+    assert "maxmemory-policy noeviction" in broker_conf
+    assert "appendonly yes" in broker_conf
+    assert "maxmemory-policy allkeys-lru" in cache_conf
+    assert _by_kind(docs, "StatefulSet")[f"{broker.hostname}"]["spec"]["volumeClaimTemplates"]
+
+
+def test_kubernetes_redis_configs_are_accepted_by_redis_server(tmp_path: Path) -> None:
+    docs = [d for file_docs in load_manifests().values() for d in file_docs]
+    confs = {
+        name: cm["data"]["redis.conf"]
+        for name, cm in _by_kind(docs, "ConfigMap").items()
+        if "redis.conf" in cm.get("data", {})
+    }
+    want = {
+        "crux-redis-broker": {"maxmemory-policy": "noeviction", "appendonly": "yes"},
+        "crux-redis-cache": {"maxmemory-policy": "allkeys-lru", "appendonly": "no"},
+    }
+    assert set(confs) == set(want)
+    procs: list[ServiceProcess] = []
+    with running(procs):
+        for name, conf in confs.items():
+            data = tmp_path / name
+            data.mkdir()
+            (data / "redis.conf").write_text(conf)
+            port = free_port()
+            argv = ["redis-server", str(data / "redis.conf"), "--port", str(port)]
+            argv += ["--bind", "127.0.0.1", "--dir", str(data), "--daemonize", "no"]
+            proc = ServiceProcess(name, argv, {"PATH": "/usr/local/bin:/usr/bin:/bin"}, tmp_path)
+            procs.append(proc)
+            url = f"redis://127.0.0.1:{port}/0"
+
+            def answers(proc: ServiceProcess = proc, url: str = url) -> bool:
+                proc.assert_running()
+                try:
+                    with redis_client(url) as client:
+                        return bool(client.ping())
+                except redis.ConnectionError:
+                    return False
+
+            wait_for(f"{name} answers PING", answers)
+            with redis_client(url) as client:
+                for key, value in want[name].items():
+                    assert client.config_get(key)[key] == value, (name, key)
