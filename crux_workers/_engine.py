@@ -163,6 +163,9 @@ class Execution:
         self.claimed = claimed
         self.lost = False
         self.steps_run = 0
+        # Checkpoints committed by this execution, cached in one round trip when it
+        # suspends; a flow that finishes in one go never touches the cache.
+        self.uncached: list[Checkpoint] = []
 
     # Called by FlowContext ---------------------------------------------------------
 
@@ -198,7 +201,7 @@ class Execution:
         cancelled = self.engine.store.commit_checkpoint(
             self.lease, cp, started_at=started_at, attempts=attempts, ttl=self.engine.lease_ttl
         )
-        self.engine.cache.add(self.lease.flow_id, cp)
+        self.uncached.append(cp)
         self.history.append(cp)
         self.steps_run += 1
         log.info("flow %s: %s %r committed (#%d)", self.lease.flow_id, cp.kind, cp.name, cp.seq)
@@ -264,7 +267,7 @@ class Execution:
             return got
         if not isinstance(got, Checkpoint):
             self._outcome(got, point.name)
-        self.engine.cache.add(self.lease.flow_id, got)
+        self.uncached.append(got)
         self.history.append(got)
         self.steps_run += 1
         log.info(
@@ -281,7 +284,7 @@ class Execution:
             log.info("flow %s: suspended, waiting for %r", self.lease.flow_id, point.name)
         if not isinstance(got, Checkpoint):
             self._outcome(got, point.name)
-        self.engine.cache.add(self.lease.flow_id, got)
+        self.uncached.append(got)
         self.history.append(got)
         log.info("flow %s: signal %r consumed (#%d)", self.lease.flow_id, point.name, got.seq)
         return got
@@ -372,10 +375,13 @@ class Engine:
                     f"the flow's return value cannot be stored as JSON: {exc}"
                 ) from None
             self.store.finish(lease, "completed", result=result)
-            self.cache.drop(flow_id)
+            if claimed.next_seq > 0:  # only earlier executions can have filled the cache
+                self.cache.drop(flow_id)
             log.info("flow %s: completed", flow_id)
             return Advance("completed", steps_run=execution.steps_run)
         except Suspended as suspended:
+            if execution.uncached:
+                self.cache.fill(flow_id, execution.uncached)
             return Advance("suspended", steps_run=execution.steps_run, wake_in=suspended.wake_in)
         except FlowStopped as stop:
             self.cache.drop(flow_id)
