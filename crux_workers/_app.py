@@ -235,8 +235,9 @@ class Crux:
 
     def execute(self, flow_name: str, flow_id: Any) -> Advance | None:
         """The body of a start/resume task: advance the flow, re-ask if it must wait."""
-        if not isinstance(flow_id, str) or not flow_id:
-            log.error("dropping a malformed flow message: flow_id=%r", flow_id)
+        if not _valid_id(flow_id):
+            # Nothing can be recorded about it; retrying would loop forever.
+            log.error("dropping a malformed flow message: flow_id=%.300r", flow_id)
             return None
         try:
             outcome = self.engine.advance(flow_id)
@@ -292,7 +293,7 @@ class Crux:
 
         Returns "cancelled" or "cancelling"; ``FlowAlreadyFinished`` for a finished flow.
         """
-        _check_id(flow_id, "flow_id")
+        check_id(flow_id, "flow_id")
         if not isinstance(reason, str) or len(reason) > 10_000:
             raise InvalidInput("cancel reason must be a string of at most 10000 characters")
         status = self.store.cancel(flow_id, reason)
@@ -399,13 +400,14 @@ class Crux:
         self, flow_id: str, name: str, payload: Any = None, *, key: str | None = None
     ) -> SignalReceipt:
         """Record a signal durably, then wake the flow if it is waiting for it."""
-        _check_id(flow_id, "flow_id")
-        _check_id(name, "signal name")
+        check_id(flow_id, "flow_id")
+        check_id(name, "signal name")
         if key is not None:
-            _check_id(key, "signal key")
+            check_id(key, "signal key")
         try:
+            _json.check_depth(payload)
             payload_json = _json.dumps(payload)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, RecursionError) as exc:
             raise InvalidInput(f"signal {name!r}: payload is not JSON-able: {exc}") from None
         got = self.store.record_signal(flow_id, name, payload_json, key)
         if got.wake:
@@ -425,10 +427,10 @@ class Crux:
         """
         import uuid
 
-        _check_id(flow_id, "flow_id")
-        _check_id(name, "signal name")
+        check_id(flow_id, "flow_id")
+        check_id(name, "signal name")
         key = key if key is not None else f"pub-{uuid.uuid4().hex}"
-        _check_id(key, "signal key")
+        check_id(key, "signal key")
         s = self.settings
         secret = s.signal_secret.get_secret_value().encode() if s.signal_secret else None
         try:
@@ -450,14 +452,14 @@ class Crux:
 
     def resume(self, flow_id: str) -> str:
         """Ask for a suspended flow to be replayed now; returns its flow name."""
-        _check_id(flow_id, "flow_id")
+        check_id(flow_id, "flow_id")
         name = self.store.request_resume(flow_id)
         self._enqueue_quietly(name, flow_id, None)
         return name
 
     def get_flow(self, flow_id: str) -> FlowState:
         """Everything the record holds about a flow."""
-        _check_id(flow_id, "flow_id")
+        check_id(flow_id, "flow_id")
         return to_state(self.store.get_flow(flow_id, details=True))
 
     def close(self) -> None:
@@ -476,9 +478,24 @@ def _qualname(fn: Callable[..., Any]) -> str:
     return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
 
 
-def _check_id(value: object, what: str) -> None:
-    if not isinstance(value, str) or not value or len(value) > _MAX_KEY:
-        raise InvalidInput(f"{what} must be a non-empty string of at most {_MAX_KEY} characters")
+def check_id(value: object, what: str) -> None:
+    """Refuse an identifier the record cannot hold (``InvalidInput``)."""
+    if not _valid_id(value):
+        raise InvalidInput(
+            f"{what} must be a non-empty string of at most {_MAX_KEY} characters, "
+            "without NUL or unpaired surrogates"
+        )
+
+
+def _valid_id(value: object) -> bool:
+    # Postgres text holds neither NUL nor lone surrogates (which json.loads can produce).
+    if not isinstance(value, str) or not value or len(value) > _MAX_KEY or "\x00" in value:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _maybe_json(text: str | None) -> Any:

@@ -371,14 +371,17 @@ def _validator(schema: type[BaseModel] | None) -> Callable[[str], str]:
     def validate(payload: str) -> str:
         try:
             value = _json.loads(payload)
-        except ValueError as exc:
-            raise ValueError(f"payload is not JSON: {exc}") from None
+            _json.check_depth(value)
+        except (ValueError, RecursionError) as exc:
+            raise ValueError(f"payload is not JSON (or too deep): {exc}") from None
         if schema is None:
             return payload
         try:
             return schema.model_validate(value).model_dump_json()
         except ValidationError as exc:
             raise ValueError(str(exc)) from None
+        except RecursionError:
+            raise ValueError("payload is nested too deeply to validate") from None
 
     return validate
 

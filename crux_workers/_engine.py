@@ -156,13 +156,17 @@ class Execution:
         engine: Engine,
         claimed: Claimed,
         history: list[Checkpoint],
+        claimed_at: float | None = None,
     ) -> None:
+        claimed_at = time.monotonic() if claimed_at is None else claimed_at
         self.engine = engine
         self.lease: Lease = claimed.lease
         self.history = history
         self.claimed = claimed
         self.lost = False
         self.steps_run = 0
+        self.trusted_until = 0.0
+        self._trust_lease(claimed_at)
         # Checkpoints committed by this execution, cached in one round trip when it
         # suspends; a flow that finishes in one go never touches the cache.
         self.uncached: list[Checkpoint] = []
@@ -170,7 +174,14 @@ class Execution:
     # Called by FlowContext ---------------------------------------------------------
 
     def before_step(self) -> None:
-        """Stop here if the lease was lost while the previous step ran."""
+        """Stop here if the lease is lost, or may have lapsed, before running user code.
+
+        The lease keeper only runs while a step runs. A process paused between steps
+        (SIGSTOP, a long GC, a VM freeze) may have lost the lease meanwhile: renew it
+        first, so it does not run a step its successor already committed.
+        """
+        if not self.lost and time.monotonic() > self.trusted_until:
+            self.renew()
         if self.lost:
             raise LeaseLost(f"flow {self.lease.flow_id}: lease lost")
 
@@ -180,11 +191,18 @@ class Execution:
         with _keeper.watch(self, self.engine.lease_ttl / 3):
             yield
 
+    def _trust_lease(self, since: float) -> None:
+        # Half the TTL: renewals start well before the record's lease_until passes.
+        self.trusted_until = since + self.engine.lease_ttl / 2
+
     def renew(self) -> None:
         """Extend the lease; remember if it was lost (the next write is refused anyway)."""
+        started = time.monotonic()
         try:
             if not self.engine.store.renew(self.lease, self.engine.lease_ttl):
                 self.lost = True
+            else:
+                self._trust_lease(started)
         except CruxError as exc:
             log.warning("lease renewal of flow %s failed: %s", self.lease.flow_id, exc)
 
@@ -198,9 +216,11 @@ class Execution:
 
     def commit(self, cp: Checkpoint, *, started_at: datetime, attempts: int) -> None:
         """Commit a checkpoint (fenced), then cache it; stop here if cancellation was asked."""
+        started = time.monotonic()
         cancelled = self.engine.store.commit_checkpoint(
             self.lease, cp, started_at=started_at, attempts=attempts, ttl=self.engine.lease_ttl
         )
+        self._trust_lease(started)
         self.uncached.append(cp)
         self.history.append(cp)
         self.steps_run += 1
@@ -330,6 +350,7 @@ class Engine:
 
     def advance(self, flow_id: str) -> Advance:
         """Claim the flow and run its handler until it suspends or finishes."""
+        claimed_at = time.monotonic()
         claimed = self.store.claim(flow_id, self._owner(), self.lease_ttl)
         if not isinstance(claimed, Claimed):
             if claimed.reason == "busy":
@@ -354,7 +375,7 @@ class Engine:
             self.cache.drop(flow_id)
             return Advance("cancelled")
         history = self.load_history(flow_id, claimed.next_seq)
-        execution = Execution(self, claimed, history)
+        execution = Execution(self, claimed, history, claimed_at)
         try:
             try:
                 flow_input = defn.input_model.model_validate_json(claimed.input)

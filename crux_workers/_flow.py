@@ -113,8 +113,10 @@ class FlowHandle(Generic[M]):
         model = self.validate_input(input)
         if flow_id is None:
             flow_id = str(uuid.uuid4())
-        elif not isinstance(flow_id, str) or not flow_id or len(flow_id) > 200:
-            raise InvalidInput("flow_id must be a non-empty string of at most 200 characters")
+        else:
+            from ._app import check_id
+
+            check_id(flow_id, "flow_id")
         row, created = self.app.store.create_flow(flow_id, self.name, model.model_dump_json())
         if row.name != self.name:
             raise FlowIdConflict(

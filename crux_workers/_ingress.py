@@ -41,6 +41,9 @@ _BACKOFF_MAX = 10.0
 
 Verdict = Literal["recorded", "duplicate", "rejected"]
 
+# What decoding a malformed envelope raises, as opposed to a broker that went away.
+_ENVELOPE_ERRORS = (KeyError, TypeError, ValueError, AttributeError, IndexError)
+
 
 @dataclass(frozen=True, slots=True)
 class Handled:
@@ -152,11 +155,14 @@ class Ingress:
                 conn.drain_events(timeout=1.0)
             except TimeoutError:
                 continue
+            except _ENVELOPE_ERRORS as exc:
+                # The transport could not even decode the envelope (not kombu's format;
+                # kombu counts some of these, KeyError included, as channel errors): it
+                # is off the queue already, so all that can be kept is the reason.
+                self._keep_undecodable(exc, stop)
             except conn.connection_errors + conn.channel_errors:
                 raise
             except Exception as exc:
-                # The transport could not even decode the envelope (not kombu's format):
-                # it is off the queue already, so all that can be kept is the reason.
                 self._keep_undecodable(exc, stop)
 
     def _keep_undecodable(self, exc: Exception, stop: threading.Event) -> None:

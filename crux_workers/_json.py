@@ -25,3 +25,21 @@ def dumps(value: Any) -> str:
 
 
 loads = json.loads
+
+MAX_DEPTH = 100
+
+
+def check_depth(value: Any, limit: int = MAX_DEPTH) -> None:
+    """Raise ``ValueError`` if lists and dicts nest deeper than ``limit``.
+
+    Deep nesting is refused up front: encoding, decoding and validating it recurse,
+    and a stack overflow on a worker must not be what rejects a payload.
+    """
+    todo: list[tuple[Any, int]] = [(value, 1)]
+    while todo:
+        item, depth = todo.pop()
+        if isinstance(item, dict | list | tuple):
+            if depth > limit:
+                raise ValueError(f"nested deeper than {limit} levels")
+            children = item.values() if isinstance(item, dict) else item
+            todo.extend((child, depth + 1) for child in children)

@@ -11,6 +11,7 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from celery import Celery
+from celery.worker.consumer import Consumer
 
 if TYPE_CHECKING:
     from ._app import Crux
@@ -22,6 +23,40 @@ TASK_PREFIX = "crux.flow."
 SWEEP_TASK = "crux.sweep"
 TASK_DONE = "crux.task_done"
 TASK_FAILED = "crux.task_failed"
+
+
+class SafeConsumer(Consumer):  # type: ignore[misc]
+    """Celery's consumer, refusing a malformed task message instead of dying on it.
+
+    Celery 5.7 lets some malformed messages (a body of ``5``, a list as the task
+    header) escape as "Unrecoverable error", which stops the worker and, since the
+    message goes back to the queue, every worker after it. Anything can publish on a
+    shared broker: such a message is logged and dropped, the worker lives on.
+    """
+
+    def create_task_handler(self, *args: Any, **kwargs: Any) -> Any:
+        """Wrap Celery's handler of incoming task messages."""
+        handler = super().create_task_handler(*args, **kwargs)
+
+        def on_task_received(message: Any) -> Any:
+            try:
+                return handler(message)
+            except Exception as exc:
+                body = getattr(message, "body", b"")
+                log.error(
+                    "refusing a malformed task message (%s: %s); headers=%.300r body=%.300r",
+                    type(exc).__name__,
+                    exc,
+                    getattr(message, "headers", None),
+                    body,
+                )
+                try:
+                    message.reject(requeue=False)
+                except Exception:
+                    log.exception("could not reject the malformed message")
+                return None
+
+        return on_task_received
 
 
 def task_name(flow_name: str) -> str:
@@ -53,6 +88,7 @@ def make_celery(crux: Crux) -> Celery:
         task_default_queue=s.queue,
         broker_transport_options=transport,
         broker_connection_retry_on_startup=True,
+        worker_consumer="crux_workers._tasks:SafeConsumer",
     )
     app.conf.beat_schedule = {
         "crux-sweep": {

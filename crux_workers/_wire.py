@@ -84,6 +84,8 @@ def decode(
         fields = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise _reject("not_json", str(exc)) from None
+    except RecursionError:
+        raise _reject("not_json", "nested too deeply to decode") from None
     if not isinstance(fields, dict):
         raise _reject("bad_fields", f"expected a JSON object, got {type(fields).__name__}")
     flow_id, name, key = fields.get("flow_id"), fields.get("name"), fields.get("key")
