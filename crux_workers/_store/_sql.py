@@ -149,16 +149,21 @@ class SqlStore(SqlAdmin, SqlTasks):
     # -- plumbing ---------------------------------------------------------------
 
     @contextmanager
-    def _tx(self) -> Iterator[Connection]:
+    def _driver_errors(self) -> Iterator[None]:
+        """Driver errors leave the seam as ``StoreError``, with the URL but no password."""
         try:
-            with self._engine.begin() as conn:
-                yield conn
+            yield
         except sa_exc.DBAPIError as exc:
             raise StoreError(
                 f"database error on {redact(self.url)}: {exc.orig!r}",
                 url=redact(self.url),
                 connection_invalidated=bool(exc.connection_invalidated),
             ) from exc
+
+    @contextmanager
+    def _tx(self) -> Iterator[Connection]:
+        with self._driver_errors(), self._engine.begin() as conn:
+            yield conn
 
     @contextmanager
     def _one(self) -> Iterator[Connection]:
@@ -171,15 +176,8 @@ class SqlStore(SqlAdmin, SqlTasks):
             with self._tx() as conn:
                 yield conn
             return
-        try:
-            with self._auto.connect() as conn:
-                yield conn
-        except sa_exc.DBAPIError as exc:
-            raise StoreError(
-                f"database error on {redact(self.url)}: {exc.orig!r}",
-                url=redact(self.url),
-                connection_invalidated=bool(exc.connection_invalidated),
-            ) from exc
+        with self._driver_errors(), self._auto.connect() as conn:
+            yield conn
 
     def _insert(self, table: Any) -> Any:
         return sqlite_insert(table) if self._sqlite else pg_insert(table)
