@@ -306,7 +306,13 @@ class Crux:
             self.dispatcher.enqueue(flow_name, flow_id, countdown)
         except Exception as exc:
             # The record still says what is due; the sweeper re-sends it.
-            log.warning("flow %s: could not enqueue (%r); the sweeper will", flow_id, exc)
+            log.warning(
+                "flow %s: could not enqueue on %s (%s); it is recorded as due and the "
+                "sweeper will send it",
+                flow_id,
+                redact(self.settings.effective_broker_url),
+                exc,
+            )
 
     # -- child tasks (run_task) ------------------------------------------------------------
 

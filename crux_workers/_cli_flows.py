@@ -80,6 +80,10 @@ json_option = click.option("--json", "as_json", is_flag=True, help="print JSON, 
 @click.group()
 def flows() -> None:
     """See and act on flows in the record (CRUX_DATABASE_URL, or the embedded default)."""
+    import logging
+
+    # Warnings (a broker that cannot be reached, say) as one readable line on stderr.
+    logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
 
 
 @flows.command("list")

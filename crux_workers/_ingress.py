@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from . import _wire
+from ._settings import redact
 from .errors import FlowNotFound, FlowNotWaiting, InvalidInput, SignalRejected, StoreError
 
 if TYPE_CHECKING:
@@ -51,6 +52,10 @@ class Handled:
 
     verdict: Verdict
     detail: str = ""
+
+
+class _Unreachable(Exception):
+    """The broker could not be reached at all."""
 
 
 class Ingress:
@@ -117,14 +122,23 @@ class Ingress:
             raise InvalidInput("the ingress needs a broker: set CRUX_REDIS_URL or CRUX_BROKER_URL")
         options = {"visibility_timeout": int(s.visibility_timeout), **s.broker_options}
         backoff = 0.5
+        where = redact(url)
         while not stop.is_set():
             conn = Connection(url, transport_options=options)
             try:
-                conn.ensure_connection(max_retries=1)
+                try:
+                    conn.ensure_connection(max_retries=1)
+                except Exception as exc:
+                    # kombu reports a broker it cannot reach as OperationalError, which
+                    # is not among its own connection_errors.
+                    raise _Unreachable(exc) from exc
                 backoff = 0.5
                 self._consume(conn, stop, ready)
-            except conn.connection_errors + conn.channel_errors as exc:
-                log.warning("ingress: broker unavailable (%r); reconnecting in %.1fs", exc, backoff)
+            except (_Unreachable, *conn.connection_errors, *conn.channel_errors) as exc:
+                cause = exc.__cause__ if isinstance(exc, _Unreachable) else exc
+                log.warning(
+                    "ingress: broker %s unavailable (%s); retrying in %.1fs", where, cause, backoff
+                )
                 stop.wait(backoff)
                 backoff = min(backoff * 2, _BACKOFF_MAX)
             finally:

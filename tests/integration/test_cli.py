@@ -105,10 +105,36 @@ def test_cli_errors_are_one_clear_line_and_a_nonzero_exit(fleet: Fleet) -> None:
     assert "hunter2" not in unreachable.stderr + unreachable.stdout
     assert "Traceback" not in unreachable.stderr
 
-    broker_down = {**env, "CRUX_REDIS_URL": f"redis://:hunter2@127.0.0.1:{free_port()}/0"}
-    ingress = cli(broker_down, "ingress", "--import", "tests.integration.flows")
-    # The ingress keeps retrying a broker that is down; it must not print the password.
-    assert "hunter2" not in ingress.stdout + ingress.stderr or ingress.returncode == 0
+    # A broker that is down: the signal is still recorded, and the warning names the
+    # broker without its password.
+    fleet.worker("w1")
+    wait_status(run, "suspended")
+    broker_port = free_port()
+    broker_down = {**env, "CRUX_REDIS_URL": f"redis://:hunter2@127.0.0.1:{broker_port}/0"}
+    sent = cli(
+        broker_down, "flows", "signal", run.flow_id, "email-verified", '{"verified_at": "x"}'
+    )
+    assert sent.returncode == 0, sent.stderr
+    assert "recorded as #" in sent.stdout
+    assert f"127.0.0.1:{broker_port}" in sent.stderr and "sweeper" in sent.stderr
+    assert "hunter2" not in sent.stdout + sent.stderr
+
+
+def test_the_ingress_waits_for_a_broker_that_is_down(fleet: Fleet) -> None:
+    from tests.workers import Service
+
+    port = free_port()
+    env = {**fleet.env, "CRUX_REDIS_URL": f"redis://:hunter2@127.0.0.1:{port}/0"}
+    ingress = Service(
+        "ingress-down", env, fleet.tmp, "ingress", "--import", "tests.integration.flows"
+    )
+    try:
+        ingress.wait_for(f"broker redis://:***@127.0.0.1:{port}/0 unavailable", timeout=60)
+        ingress.wait_for("retrying in 1.0s", timeout=60)  # still alive, backing off
+        assert ingress.proc.poll() is None
+    finally:
+        ingress.kill()
+    assert "hunter2" not in ingress.log.read_text(errors="replace")
 
 
 def test_help_reads_well() -> None:
