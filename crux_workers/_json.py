@@ -43,3 +43,13 @@ def check_depth(value: Any, limit: int = MAX_DEPTH) -> None:
                 raise ValueError(f"nested deeper than {limit} levels")
             children = item.values() if isinstance(item, dict) else item
             todo.extend((child, depth + 1) for child in children)
+
+
+def safe_text(text: str) -> str:
+    """``text`` as Postgres can store it: NUL and unpaired surrogates backslash-escaped.
+
+    For free text that quotes untrusted input (a refused message, an error detail):
+    one bad byte there must not make the record refuse the write, again and again.
+    """
+    text = text.replace("\x00", "\\x00")
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")

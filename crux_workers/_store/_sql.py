@@ -31,6 +31,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
+from .._json import safe_text
 from .._models import TERMINAL
 from .._settings import redact
 from ..errors import FlowAlreadyFinished, FlowNotFound, FlowNotWaiting, LeaseLost, StoreError
@@ -598,7 +599,11 @@ class SqlStore(SqlAdmin, SqlTasks):
                         conn.execute(
                             update(signals)
                             .where(s.id == sig.id)
-                            .values(status="rejected", error=str(exc), consumed_at=self._now())
+                            .values(
+                                status="rejected",
+                                error=safe_text(str(exc)),
+                                consumed_at=self._now(),
+                            )
                         )
                         continue
                     cp = Checkpoint(point.seq, "suspend", point.name, point.occurrence, result)

@@ -13,6 +13,7 @@ from typing import Any
 
 from sqlalchemy import Connection, delete, insert, select
 
+from .._json import safe_text
 from .._models import TERMINAL
 from ._clock import aware
 from ._schema import flows, rejected_signals
@@ -87,9 +88,9 @@ class SqlAdmin:
             new_id = conn.execute(
                 insert(rejected_signals)
                 .values(
-                    reason=reason,
-                    detail=detail,
-                    raw=raw,
+                    reason=safe_text(reason),
+                    detail=safe_text(detail),
+                    raw=safe_text(raw),
                     flow_id=_clip(flow_id),
                     name=_clip(name),
                     key=_clip(key),
@@ -121,4 +122,4 @@ class SqlAdmin:
 
 def _clip(value: str | None) -> str | None:
     # The columns are bounded; a refused message may carry anything in these fields.
-    return value[:200] if isinstance(value, str) else None
+    return safe_text(value)[:200] if isinstance(value, str) else None

@@ -127,6 +127,7 @@ def test_bad_messages_are_recorded_as_rejected_and_never_stop_the_consumer(fleet
     good = {"flow_id": run.flow_id, "name": "email-verified", "payload": VERIFIED, "key": "ok"}
     bad = [
         signed("{not json"),
+        signed("\x00 NUL bytes cannot go into Postgres text \x00"),
         signed({"flow_id": run.flow_id}),
         signed({"flow_id": run.flow_id, "name": "email-verified", "colour": "blue"}),
         signed({"flow_id": "no-such-flow", "name": "email-verified"}),
@@ -149,6 +150,7 @@ def test_bad_messages_are_recorded_as_rejected_and_never_stop_the_consumer(fleet
     reasons = sorted(r for r, _ in rejected(fleet.pg_url))
     assert reasons == sorted(
         [
+            "not_json",
             "not_json",
             "bad_fields",
             "bad_fields",

@@ -82,3 +82,10 @@ def test_refusals_keep_what_could_be_read() -> None:
         decode('{"flow_id": "f", "name": "n", "oops": 1}', {}, secret=None, max_bytes=4096)
     assert (getattr(info.value, "flow_id"), getattr(info.value, "name")) == ("f", "n")  # noqa: B009
     assert "unknown field 'oops'" in info.value.detail
+
+
+def test_free_text_is_made_storable() -> None:
+    from crux_workers._json import safe_text
+
+    assert safe_text("a\x00b\ud800c") == "a\\x00b\\ud800c"
+    assert safe_text("plain, ünïcode ✓") == "plain, ünïcode ✓"
