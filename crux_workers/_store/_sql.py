@@ -68,6 +68,41 @@ _NO_LEASE: dict[str, Any] = {
 }
 _SIGNAL_BATCH = 50
 
+# Postgres: record a signal in one statement (see SqlStore._record_signal_in_one). The
+# flow's row lock comes first, so signal ids follow commit order, and a suspend either
+# sees the signal or is woken by it. A same-key signal committed while this statement
+# waited for the lock is not in its snapshot: the unique key refuses the insert, and
+# the caller retries, then finds it.
+_RECORD_SIGNAL = text(
+    """
+    WITH f AS (
+        SELECT id, name, status, waiting_on FROM crux_flows WHERE id = :flow_id FOR UPDATE
+    ), dup AS (
+        SELECT s.id FROM crux_signals s
+         WHERE s.flow_id = :flow_id AND s.key = :key AND EXISTS (SELECT 1 FROM f)
+    ), ins AS (
+        INSERT INTO crux_signals (flow_id, name, payload, key, status, created_at)
+        SELECT f.id, :name, :payload, :key, 'pending', :now FROM f
+         WHERE f.status IN ('pending', 'running', 'suspended')
+           AND NOT EXISTS (SELECT 1 FROM dup)
+        RETURNING id
+    ), woke AS (
+        -- Decided on f, the locked and current row: this statement's snapshot may be
+        -- older than a suspend that committed while it waited for the lock.
+        UPDATE crux_flows SET wake_at = :now, wake_kind = 'run', updated_at = :now
+          FROM f
+         WHERE crux_flows.id = f.id AND f.status = 'suspended' AND f.waiting_on = :name
+           AND EXISTS (SELECT 1 FROM ins)
+        RETURNING crux_flows.id
+    )
+    SELECT f.name, f.status,
+           (SELECT id FROM dup LIMIT 1) AS dup_id,
+           (SELECT id FROM ins) AS new_id,
+           EXISTS (SELECT 1 FROM woke) AS woke
+      FROM f
+    """
+)
+
 # Postgres: commit a step in one statement (see SqlStore._commit_in_one).
 _COMMIT_STEP = text(
     """
@@ -668,6 +703,8 @@ class SqlStore(SqlAdmin, SqlTasks):
         c, s = flows.c, signals.c
         now = self._now()
         try:
+            if not self._sqlite:
+                return self._record_signal_in_one(flow_id, name, payload, key)
             with self._tx() as conn:
                 # Lock the flow row first: signals then commit in the order of their ids,
                 # and a suspend in progress either sees this signal or is seen by it.
@@ -714,6 +751,35 @@ class SqlStore(SqlAdmin, SqlTasks):
                 return self.record_signal(flow_id, name, payload, key)
             raise
         return SignalResult(int(signal_id), row.name, duplicate=False, wake=wake)
+
+    def _record_signal_in_one(
+        self, flow_id: str, name: str, payload: str, key: str | None
+    ) -> SignalResult:
+        # The same steps as the transaction below, as one statement: one round trip and
+        # one commit on the caller's side of every signal.
+        with self._one() as conn:
+            row = conn.execute(
+                _RECORD_SIGNAL,
+                {
+                    "flow_id": flow_id,
+                    "name": name,
+                    "payload": payload,
+                    "key": key,
+                    "now": self._now(),
+                },
+            ).first()
+        if row is None:
+            raise FlowNotFound(f"no flow {flow_id!r}", flow_id=flow_id)
+        if row.dup_id is not None:
+            return SignalResult(int(row.dup_id), row.name, duplicate=True, wake=False)
+        if row.new_id is None:
+            raise FlowNotWaiting(
+                f"flow {flow_id!r} is {row.status}; signal {name!r} refused",
+                flow_id=flow_id,
+                status=row.status,
+                signal=name,
+            )
+        return SignalResult(int(row.new_id), row.name, duplicate=False, wake=bool(row.woke))
 
     def request_resume(self, flow_id: str) -> str:
         """Mark a suspended flow as due now; return its flow name."""
