@@ -550,6 +550,8 @@ class MemoryStore:
             ]
             for flow_id in gone:
                 del self._flows[flow_id]
+            for key in [k for k in self._tasks if k[0] in set(gone)]:
+                del self._tasks[key]
             return len(gone)
 
     def record_rejected(
