@@ -278,10 +278,10 @@ class Execution:
         if isinstance(got, TaskSend):
             # After the commit: a send that is lost is repaired by the resend timer,
             # a send that happens twice is one task id, recorded once.
+            self.engine.send_child(got.task_id, got.call, child)
             log.info(
                 "flow %s: child task %r sent (%s)", self.lease.flow_id, point.name, got.task_id
             )
-            self.engine.send_child(got.task_id, got.call, child)
             raise Suspended(point.name)
         if isinstance(got, TaskError):
             return got

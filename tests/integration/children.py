@@ -6,6 +6,7 @@ Its worker consumes the "children" queue; flows reach its tasks with run_task by
 from __future__ import annotations
 
 import os
+import time
 
 from celery import Celery
 
@@ -31,10 +32,11 @@ def _effect(flow_id: str, name: str) -> None:
 
 
 @app.task(name="children.plan", bind=True)  # type: ignore[untyped-decorator]
-def plan(self: object, topic: str, fail_times: int = 0) -> list[str]:
+def plan(self: object, topic: str, fail_times: int = 0, delay: float = 0.0) -> list[str]:
     # The task id is crux:<flow>:<seq>:<attempt>: fail the first fail_times attempts.
     _, flow_id, _seq, attempt = self.request.id.rsplit(":", 3)  # type: ignore[attr-defined]
     _effect(flow_id, f"child-plan-{attempt}")
+    time.sleep(delay)
     if int(attempt) <= fail_times:
         raise RuntimeError(f"planner unavailable (attempt {attempt})")
     return [f"intro to {topic}", f"{topic} in depth"]

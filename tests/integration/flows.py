@@ -162,6 +162,7 @@ class Topic(BaseModel):
     topic: str
     fail_times: int = 0
     resend_after: str = "5m"
+    child_delay: float = 0.0
 
 
 @flow("delegating", input=Topic)
@@ -173,6 +174,7 @@ def delegating(f: FlowContext[Topic]) -> Any:
         signature("children.plan", queue="children"),
         f.input.topic,
         fail_times=f.input.fail_times,
+        delay=f.input.child_delay,
         retry=Retry(attempts=3, backoff="fixed", initial="300ms", jitter=False),
         resend_after=f.input.resend_after,
     )

@@ -17,7 +17,6 @@ import redis
 from tests.workers import REPO
 
 from .conftest import Fleet
-from .test_fleet import wait_status
 
 
 class ChildWorker:
@@ -106,14 +105,22 @@ def test_a_child_whose_result_message_is_lost_is_recovered_by_the_sweeper(
     # No crux worker yet: the start message waits; then one starts the flow and sends.
     w1 = fleet.worker("w1")
     fleet.beat()
-    run = fleet.flows["delegating"].run(input={"topic": "y", "resend_after": "3s"})
-    wait_status(run, "suspended")
+    run = fleet.flows["delegating"].run(
+        input={"topic": "y", "resend_after": "3s", "child_delay": 2.0}
+    )
+    # The flow suspends before the child is published: wait for the send itself, then
+    # stop the only crux worker while the child still runs (it takes 2 s).
+    deadline = time.monotonic() + 30
+    while b"child task 'plan' sent" not in w1.log.read_bytes():
+        assert time.monotonic() < deadline, w1.tail()
+        time.sleep(0.02)
     w1.kill()
     fleet.effects.wait_for("child-plan-1")
     # The child ran; its result message sits on the flow queue. Lose it.
     client = redis.Redis.from_url(fleet.redis_url)
     deadline = time.monotonic() + 20
-    while client.llen("crux") == 0:
+    # (Beat's sweeps share the queue: wait for the child's result itself.)
+    while not any(b"crux.task_done" in m for m in client.lrange("crux", 0, -1)):
         assert time.monotonic() < deadline, "the child's result never reached the queue"
         time.sleep(0.05)
     client.delete("crux")
