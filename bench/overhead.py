@@ -65,7 +65,9 @@ class Recorder:
     def __init__(self) -> None:
         self.sent: list[tuple[str, str, float | None]] = []
 
-    def enqueue(self, flow_name: str, flow_id: str, countdown: float | None = None) -> None:
+    def enqueue(
+        self, flow_name: str, flow_id: str, countdown: float | None = None, *, start: bool = False
+    ) -> None:
         self.sent.append((flow_name, flow_id, countdown))
 
     def close(self) -> None:

@@ -220,8 +220,10 @@ class Crux:
                         self._dispatcher = CeleryDispatcher(self._send_task)
         return self._dispatcher
 
-    def _send_task(self, flow_name: str, flow_id: str, countdown: float | None) -> None:
-        from ._tasks import task_name
+    def _send_task(
+        self, flow_name: str, flow_id: str, countdown: float | None, start: bool = False
+    ) -> None:
+        from ._tasks import START_PRIORITY, task_name
 
         handle = self._handles.get(flow_name)
         options: dict[str, Any] = {}
@@ -229,6 +231,8 @@ class Crux:
             options["queue"] = handle.queue
         if countdown:
             options["countdown"] = countdown
+        if start:
+            options["priority"] = START_PRIORITY
         self.celery.send_task(task_name(flow_name), args=[flow_id], **options)
 
     # -- executing ----------------------------------------------------------------------
@@ -301,9 +305,11 @@ class Crux:
             self.cache.drop(flow_id)
         return status
 
-    def _enqueue_quietly(self, flow_name: str, flow_id: str, countdown: float | None) -> None:
+    def _enqueue_quietly(
+        self, flow_name: str, flow_id: str, countdown: float | None, *, start: bool = False
+    ) -> None:
         try:
-            self.dispatcher.enqueue(flow_name, flow_id, countdown)
+            self.dispatcher.enqueue(flow_name, flow_id, countdown, start=start)
         except Exception as exc:
             # The record still says what is due; the sweeper re-sends it.
             log.warning(

@@ -14,8 +14,14 @@ log = logging.getLogger("crux_workers.dispatch")
 class Dispatcher(Protocol):
     """Sends "advance this flow" to some executor. A hint only: the record decides."""
 
-    def enqueue(self, flow_name: str, flow_id: str, countdown: float | None = None) -> None:
-        """Ask for the flow to be advanced, now or after ``countdown`` seconds."""
+    def enqueue(
+        self, flow_name: str, flow_id: str, countdown: float | None = None, *, start: bool = False
+    ) -> None:
+        """Ask for the flow to be advanced, now or after ``countdown`` seconds.
+
+        ``start`` marks a flow's first execution: a dispatcher may run those after the
+        resumes of flows already in progress.
+        """
         ...
 
     def close(self) -> None:
@@ -60,7 +66,9 @@ class ThreadDispatcher:
         except Exception:
             log.exception("embedded execution of flow %s failed", flow_id)
 
-    def enqueue(self, flow_name: str, flow_id: str, countdown: float | None = None) -> None:
+    def enqueue(
+        self, flow_name: str, flow_id: str, countdown: float | None = None, *, start: bool = False
+    ) -> None:
         """Run the execution on the pool, now or after ``countdown`` seconds."""
         if self._closed:
             return
@@ -84,12 +92,18 @@ class ThreadDispatcher:
 class CeleryDispatcher:
     """Publishes the flow's Celery task (JSON, routed like any task)."""
 
-    def __init__(self, send: Callable[[str, str, float | None], None]) -> None:
+    def __init__(self, send: Callable[[str, str, float | None, bool], None]) -> None:
         self._send = send
 
-    def enqueue(self, flow_name: str, flow_id: str, countdown: float | None = None) -> None:
-        """Publish the task; with ``countdown`` for short delays only (see docs/time.md)."""
-        self._send(flow_name, flow_id, countdown)
+    def enqueue(
+        self, flow_name: str, flow_id: str, countdown: float | None = None, *, start: bool = False
+    ) -> None:
+        """Publish the task; with ``countdown`` for short delays only (see docs/time.md).
+
+        Starts go out at a lower priority than resumes, so a signal's resume does not
+        wait behind a burst of new flows.
+        """
+        self._send(flow_name, flow_id, countdown, start)
 
     def close(self) -> None:
         """Nothing to release: Celery owns the producer pool."""
@@ -102,7 +116,9 @@ class RecordOnlyDispatcher:
     thread of a process about to exit would only leave it stalled for a while.
     """
 
-    def enqueue(self, flow_name: str, flow_id: str, countdown: float | None = None) -> None:
+    def enqueue(
+        self, flow_name: str, flow_id: str, countdown: float | None = None, *, start: bool = False
+    ) -> None:
         """Do nothing: the flow is marked due in the record already."""
 
     def close(self) -> None:

@@ -125,7 +125,7 @@ class FlowHandle(Generic[M]):
         if created or row.status == "pending":
             # A repeated run() of a pending flow re-sends the start: the first message
             # may have been lost with the process that sent it.
-            self.app._enqueue_quietly(self.name, flow_id, None)
+            self.app._enqueue_quietly(self.name, flow_id, None, start=True)
         return FlowRun(self.app, flow_id)
 
     def validate_input(self, input: Any) -> BaseModel:

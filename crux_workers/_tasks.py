@@ -23,6 +23,9 @@ TASK_PREFIX = "crux.flow."
 SWEEP_TASK = "crux.sweep"
 TASK_DONE = "crux.task_done"
 TASK_FAILED = "crux.task_failed"
+# On Redis, 0 is the highest priority. Starts go to the "<queue>:9" list, which workers
+# read only when "<queue>" (resumes, timers, child outcomes) is empty.
+START_PRIORITY = 9
 
 
 class SafeConsumer(Consumer):  # type: ignore[misc]
@@ -72,6 +75,10 @@ def make_celery(crux: Crux) -> Celery:
         # Must exceed the longest task run, and be the same in every process sharing
         # the broker (the shortest one wins); flows never rely on broker ETA.
         "visibility_timeout": int(s.visibility_timeout),
+        # Priority lists are named "<queue>:<priority>" (kombu's default separator is a
+        # control character, which queue-length autoscalers cannot be given).
+        "sep": ":",
+        "priority_steps": [0, START_PRIORITY],
         **s.broker_options,
     }
     app.conf.update(

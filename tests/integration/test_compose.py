@@ -27,6 +27,7 @@ from sqlalchemy import create_engine, text
 
 from crux_workers import Crux, FlowHandle, FlowRun, Settings, default_app, set_default_app
 from crux_workers._store._migrate import current_revision, head_revision
+from crux_workers._tasks import START_PRIORITY
 from crux_workers.cli import main as cli_main
 from tests.deployment import (
     REPO,
@@ -258,16 +259,17 @@ def test_compose_migrate_worker_and_beat_run_the_onboarding_flow(stack: Stack) -
         assert cache.config_get("maxmemory-policy")["maxmemory-policy"] == "allkeys-lru"
         assert cache.config_get("appendonly")["appendonly"] == "no"
 
-        # Before any worker: the start message waits in the broker Redis, in the list that
-        # KEDA watches (named after the queue), and not in the cache Redis.
+        # Before any worker: the start message waits in the broker Redis, in the starts'
+        # list that KEDA watches ("<queue>:9", below the resumes' "<queue>"), and not in
+        # the cache Redis.
         run = onboarding.run(input=SIGNUP)
-        assert broker.llen(queue) == 1
-        assert not cache.exists(queue)
+        assert broker.llen(f"{queue}:9") == 1
+        assert not cache.exists(f"{queue}:9")
 
         worker = stack.start("worker")
         worker.wait_log(b"ready.")
         wait_status(run, "suspended", stack)
-        assert broker.llen(queue) == 0
+        assert broker.llen(queue) == 0 and broker.llen(f"{queue}:9") == 0
         # Step results are cached in the cache Redis, never in the broker's.
         prefix = app.settings.redis_prefix
         assert cache.keys(f"{prefix}:*"), "no step cache keys in the cache Redis"
@@ -587,16 +589,23 @@ def test_kubernetes_manifests_are_consistent() -> None:
     assert scaled["spec"]["scaleTargetRef"]["name"] == "crux-worker"
     assert scaled["spec"]["scaleTargetRef"].get("kind", "Deployment") == "Deployment"
     assert scaled["spec"]["minReplicaCount"] >= 1
-    (trigger,) = scaled["spec"]["triggers"]
-    meta = trigger["metadata"]
-    assert trigger["type"] == "redis"
-    assert meta["listName"] == settings.queue == Settings.model_fields["queue"].default
+    # Two lists: resumes in "<queue>", starts (a lower priority) in "<queue>:9".
+    triggers = scaled["spec"]["triggers"]
+    default_queue = Settings.model_fields["queue"].default
+    assert settings.queue == default_queue
+    assert sorted(t["metadata"]["listName"] for t in triggers) == [
+        default_queue,
+        f"{default_queue}:{START_PRIORITY}",
+    ]
     broker = urlsplit(settings.effective_broker_url or "")
-    assert meta["databaseIndex"] == (broker.path.lstrip("/") or "0")
-    host, _, port = meta["address"].rpartition(":")
-    # KEDA dials from its own namespace: the broker's Service name, fully qualified.
-    assert host.startswith(f"{broker.hostname}.") and host.endswith(".svc.cluster.local")
-    assert int(port) == (broker.port or 6379)
+    for trigger in triggers:
+        meta = trigger["metadata"]
+        assert trigger["type"] == "redis"
+        assert meta["databaseIndex"] == (broker.path.lstrip("/") or "0")
+        host, _, port = meta["address"].rpartition(":")
+        # KEDA dials from its own namespace: the broker's Service name, fully qualified.
+        assert host.startswith(f"{broker.hostname}.") and host.endswith(".svc.cluster.local")
+        assert int(port) == (broker.port or 6379)
 
     # The broker Redis must not evict and must persist; the cache may evict.
     services = _by_kind(docs, "Service")

@@ -205,3 +205,28 @@ def test_a_malformed_task_message_does_not_crash_the_worker(fleet: Fleet) -> Non
     fleet.app.signal_flow(run.flow_id, "n", 2)
     assert run.wait(timeout=30).status == "completed"
     assert w.proc.poll() is None
+
+
+def test_resumes_run_before_a_backlog_of_starts(fleet: Fleet) -> None:
+    w1 = fleet.worker("w1")
+    onboarding = fleet.flows["onboarding"]
+    waiting = onboarding.run(input=SIGNUP)
+    wait_status(waiting, "suspended")
+    w1.kill()
+    backlog = [onboarding.run(input=SIGNUP) for _ in range(20)]
+    fleet.app.signal_flow(waiting.flow_id, "email-verified", {"verified_at": "now"})
+    client = redis.Redis.from_url(fleet.redis_url)
+    try:
+        # Starts wait in "crux:9", the resume in "crux", which workers read first.
+        assert client.llen("crux:9") == 20
+        assert client.llen("crux") == 1
+    finally:
+        client.close()
+    fleet.worker("w2")
+    assert waiting.wait(timeout=60).status == "completed"
+    for run in backlog:
+        wait_status(run, "suspended", timeout=60)
+    resumed_at = waiting.state().finished_at
+    assert resumed_at is not None
+    first_steps = [run.state().steps[0].completed_at for run in backlog]
+    assert resumed_at < min(first_steps)

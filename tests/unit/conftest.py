@@ -28,7 +28,9 @@ class QueueDispatcher:
     def __init__(self) -> None:
         self.queue: list[tuple[str, str, float | None]] = []
 
-    def enqueue(self, flow_name: str, flow_id: str, countdown: float | None = None) -> None:
+    def enqueue(
+        self, flow_name: str, flow_id: str, countdown: float | None = None, *, start: bool = False
+    ) -> None:
         self.queue.append((flow_name, flow_id, countdown))
 
     def close(self) -> None:
