@@ -221,10 +221,7 @@ class Execution:
             self.lease, cp, started_at=started_at, attempts=attempts, ttl=self.engine.lease_ttl
         )
         self._trust_lease(started)
-        self.uncached.append(cp)
-        self.history.append(cp)
-        self.steps_run += 1
-        log.info("flow %s: %s %r committed (#%d)", self.lease.flow_id, cp.kind, cp.name, cp.seq)
+        self._committed(cp)
         if cancelled:
             log.info("flow %s: cancelled after %r", self.lease.flow_id, cp.name)
             raise FlowStopped("cancelled")
@@ -287,12 +284,7 @@ class Execution:
             return got
         if not isinstance(got, Checkpoint):
             self._outcome(got, point.name)
-        self.uncached.append(got)
-        self.history.append(got)
-        self.steps_run += 1
-        log.info(
-            "flow %s: child task %r result committed (#%d)", self.lease.flow_id, point.name, got.seq
-        )
+        self._committed(got)
         return got
 
     def take_signal_or_suspend(self, point: Suspension, validate: Validator) -> Checkpoint:
@@ -304,10 +296,15 @@ class Execution:
             log.info("flow %s: suspended, waiting for %r", self.lease.flow_id, point.name)
         if not isinstance(got, Checkpoint):
             self._outcome(got, point.name)
-        self.uncached.append(got)
-        self.history.append(got)
-        log.info("flow %s: signal %r consumed (#%d)", self.lease.flow_id, point.name, got.seq)
+        self._committed(got)
         return got
+
+    def _committed(self, cp: Checkpoint) -> None:
+        """A checkpoint this execution committed: part of the history, cached at suspend."""
+        self.uncached.append(cp)
+        self.history.append(cp)
+        self.steps_run += 1
+        log.info("flow %s: %s %r committed (#%d)", self.lease.flow_id, cp.kind, cp.name, cp.seq)
 
 
 def _no_children(task_id: str, call: str, child: Any) -> None:

@@ -66,7 +66,6 @@ class Ingress:
         s = app.settings
         self._secret = s.signal_secret.get_secret_value().encode() if s.signal_secret else None
         self._max_bytes = s.signal_max_bytes
-        self.handled = 0
 
     # -- one message ---------------------------------------------------------------
 
@@ -109,9 +108,7 @@ class Ingress:
 
     # -- the consumer loop -------------------------------------------------------------
 
-    def run(
-        self, stop: threading.Event | None = None, *, ready: threading.Event | None = None
-    ) -> None:
+    def run(self, stop: threading.Event | None = None) -> None:
         """Consume until ``stop`` is set, reconnecting to the broker as needed."""
         from kombu.connection import Connection
 
@@ -133,7 +130,7 @@ class Ingress:
                     # is not among its own connection_errors.
                     raise _Unreachable(exc) from exc
                 backoff = 0.5
-                self._consume(conn, stop, ready)
+                self._consume(conn, stop)
             except (_Unreachable, *conn.connection_errors, *conn.channel_errors) as exc:
                 cause = exc.__cause__ if isinstance(exc, _Unreachable) else exc
                 log.warning(
@@ -150,9 +147,7 @@ class Ingress:
         name = self.app.settings.signal_queue
         return Queue(name, routing_key=name, durable=True)
 
-    def _consume(
-        self, conn: Connection, stop: threading.Event, ready: threading.Event | None
-    ) -> None:
+    def _consume(self, conn: Connection, stop: threading.Event) -> None:
         from kombu.messaging import Consumer
 
         channel = conn.channel()
@@ -162,8 +157,6 @@ class Ingress:
         consumer.qos(prefetch_count=1)
         consumer.consume()
         log.info("ingress: consuming %s", self.app.settings.signal_queue)
-        if ready is not None:
-            ready.set()
         while not stop.is_set():
             try:
                 conn.drain_events(timeout=1.0)
@@ -190,7 +183,6 @@ class Ingress:
             message.requeue()
             return
         message.ack()
-        self.handled += 1
 
     def _retrying(self, fn: Any, stop: threading.Event) -> Handled | None:
         backoff = 0.5

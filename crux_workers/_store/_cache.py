@@ -70,10 +70,6 @@ class RedisStepCache:
                 log.warning("ignoring a malformed cache entry of flow %s", flow_id)
         return out
 
-    def add(self, flow_id: str, cp: Checkpoint) -> None:
-        """Cache one freshly committed checkpoint."""
-        self.fill(flow_id, [cp])
-
     def fill(self, flow_id: str, cps: list[Checkpoint]) -> None:
         """Cache many checkpoints in one round trip."""
         if not cps:
@@ -111,10 +107,6 @@ class MemoryStepCache:
         with self._lock:
             entries = dict(self._data.get(flow_id, {}))
         return {seq: decode(seq, raw) for seq, raw in entries.items()}
-
-    def add(self, flow_id: str, cp: Checkpoint) -> None:
-        """Cache one checkpoint."""
-        self.fill(flow_id, [cp])
 
     def fill(self, flow_id: str, cps: list[Checkpoint]) -> None:
         """Cache many checkpoints."""

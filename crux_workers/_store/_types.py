@@ -363,12 +363,8 @@ class StepCache(Protocol):
         """Every cached checkpoint of the flow, in one round trip."""
         ...
 
-    def add(self, flow_id: str, cp: Checkpoint) -> None:
-        """Cache one freshly committed checkpoint."""
-        ...
-
     def fill(self, flow_id: str, cps: list[Checkpoint]) -> None:
-        """Cache many checkpoints (after a miss) in one round trip."""
+        """Cache many checkpoints (after a miss, or an execution's new ones) in one trip."""
         ...
 
     def drop(self, flow_id: str) -> None:
