@@ -1,20 +1,32 @@
-"""crux_workers: durable flows on Celery, Redis and Postgres."""
+"""crux_workers: durable flows on Celery, Redis and Postgres.
 
-from ._app import Crux, default_app, set_default_app
-from ._compose import SwarmMessage, SwarmResult, consensus, parallel, swarm
-from ._context import FlowContext, StepInfo, current_step
-from ._flow import FlowHandle, FlowRun, flow
-from ._models import (
-    ErrorInfo,
-    FlowOutcome,
-    FlowState,
-    Retry,
-    SignalReceipt,
-    SignalState,
-    StepState,
-)
-from ._settings import Settings
-from ._signals import cancel_flow, get_flow, publish_signal, signal_flow
+The errors are plain Python and load with the package; every other public name is
+loaded on first use (PEP 562), so importing one part of the package (the engine, the
+context) does not load SQLAlchemy, Alembic, Celery or Redis.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._app import Crux, default_app, flow, set_default_app
+    from ._compose import SwarmMessage, SwarmResult, consensus, parallel, swarm
+    from ._context import FlowContext, StepInfo, current_step
+    from ._flow import FlowHandle, FlowRun
+    from ._models import (
+        ErrorInfo,
+        FlowOutcome,
+        FlowState,
+        Retry,
+        SignalReceipt,
+        SignalState,
+        StepState,
+    )
+    from ._settings import Settings
+    from ._signals import cancel_flow, get_flow, publish_signal, signal_flow
+
 from .errors import (
     ConfigurationError,
     CruxError,
@@ -33,8 +45,52 @@ from .errors import (
     StepResultNotSerializable,
     StoreError,
     UnknownFlow,
+    ValueTooLarge,
     WaitTimeout,
 )
+
+_WHERE: dict[str, str] = {
+    "Crux": "crux_workers._app",
+    "default_app": "crux_workers._app",
+    "set_default_app": "crux_workers._app",
+    "flow": "crux_workers._app",
+    "FlowHandle": "crux_workers._flow",
+    "FlowRun": "crux_workers._flow",
+    "FlowContext": "crux_workers._context",
+    "StepInfo": "crux_workers._context",
+    "current_step": "crux_workers._context",
+    "SwarmMessage": "crux_workers._compose",
+    "SwarmResult": "crux_workers._compose",
+    "consensus": "crux_workers._compose",
+    "parallel": "crux_workers._compose",
+    "swarm": "crux_workers._compose",
+    "ErrorInfo": "crux_workers._models",
+    "FlowOutcome": "crux_workers._models",
+    "FlowState": "crux_workers._models",
+    "Retry": "crux_workers._models",
+    "SignalReceipt": "crux_workers._models",
+    "SignalState": "crux_workers._models",
+    "StepState": "crux_workers._models",
+    "Settings": "crux_workers._settings",
+    "cancel_flow": "crux_workers._signals",
+    "get_flow": "crux_workers._signals",
+    "publish_signal": "crux_workers._signals",
+    "signal_flow": "crux_workers._signals",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'crux_workers' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
 
 __all__ = [
     # defining and running flows
@@ -85,5 +141,6 @@ __all__ = [
     "StepResultNotSerializable",
     "StoreError",
     "UnknownFlow",
+    "ValueTooLarge",
     "WaitTimeout",
 ]

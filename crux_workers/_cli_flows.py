@@ -16,7 +16,8 @@ from typing import Any
 import click
 
 from . import _json
-from ._app import Crux, to_state
+from ._app import Crux
+from ._client import to_state
 from ._durations import parse_duration
 from ._models import FlowState
 from ._settings import Settings
@@ -27,13 +28,7 @@ from .errors import CruxError, InvalidDuration
 def operator_app() -> Iterator[Crux]:
     """The app for one CLI command; on the embedded default it never runs flows itself."""
     try:
-        settings = Settings.from_env()
-        dispatcher = None
-        if settings.embedded:
-            from ._dispatch import RecordOnlyDispatcher
-
-            dispatcher = RecordOnlyDispatcher()
-        app = Crux(settings, dispatcher=dispatcher)
+        app = Crux(Settings.from_env(), record_only=True)
     except CruxError as exc:
         raise click.ClickException(str(exc)) from exc
     try:

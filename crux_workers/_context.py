@@ -12,18 +12,20 @@ import inspect
 import threading
 from collections import Counter
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import Any, Generic, NoReturn, Protocol, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
 from . import _json
 from ._durations import Duration, parse_duration
+from ._ids import MAX_ID, valid_id
 from ._models import ErrorInfo, Retry
 from ._store._clock import utcnow
-from ._store._types import Checkpoint, Suspension, TaskError, TaskPoint
+from ._store._types import Checkpoint, Suspension, TaskError, TaskPoint, Validator
 from .errors import (
     CruxError,
     InvalidInput,
@@ -34,14 +36,9 @@ from .errors import (
     Suspended,
 )
 
-if TYPE_CHECKING:
-    from ._engine import Execution
-
 InputT = TypeVar("InputT", bound=BaseModel)
 T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
-
-_MAX_NAME = 200
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,8 +72,12 @@ def current_step() -> StepInfo:
 
 
 def _check_name(name: object, what: str) -> str:
-    if not isinstance(name, str) or not name or len(name) > _MAX_NAME:
-        raise InvalidInput(f"{what} name must be a non-empty string of at most {_MAX_NAME} chars")
+    # The same rules as ids, and printable: names are shown in logs, the CLI and the console.
+    if not valid_id(name) or not isinstance(name, str) or not name.isprintable():
+        raise InvalidInput(
+            f"{what} name must be a printable, non-empty string of at most {MAX_ID} "
+            f"characters (got {str(name)[:60]!r})"
+        )
     return name
 
 
@@ -111,14 +112,82 @@ def call_maybe_async(fn: Callable[[], Any]) -> Any:
     return box["value"]
 
 
+class ExecutionPort(Protocol):
+    """What a ``FlowContext`` asks of the execution that runs it.
+
+    The engine's ``Execution`` implements it over the record; the context knows
+    nothing of leases, stores or transports beyond these calls. Calls that end the
+    execution (suspend, stop, fail) raise the control-flow exceptions of ``errors``.
+    """
+
+    @property
+    def task_resend_after(self) -> float:
+        """The default ``resend_after`` of ``run_task`` children, in seconds."""
+        ...
+
+    @property
+    def max_value_bytes(self) -> int:
+        """The largest step result the record takes, as JSON bytes."""
+        ...
+
+    def recorded(self, seq: int) -> Checkpoint | None:
+        """The checkpoint recorded at ``seq`` (replayed or committed), or None past them."""
+        ...
+
+    def recorded_count(self) -> int:
+        """How many checkpoints are recorded so far."""
+        ...
+
+    def before_step(self) -> None:
+        """Raise ``LeaseLost`` if this execution may no longer run user code."""
+        ...
+
+    def keep_lease(self) -> AbstractContextManager[None]:
+        """Keep the lease alive while user code runs."""
+        ...
+
+    def attempt_for(self, seq: int) -> int:
+        """The attempt number of the step at ``seq``."""
+        ...
+
+    def now(self) -> datetime:
+        """The record's clock."""
+        ...
+
+    def commit(self, cp: Checkpoint, *, started_at: datetime, attempts: int) -> None:
+        """Commit a checkpoint, fenced; stop here if cancellation was asked."""
+        ...
+
+    def step_failed(
+        self, seq: int, name: str, attempt: int, exc: StepFailed, retry: Retry | None
+    ) -> NoReturn:
+        """Record a failed attempt: suspend for a retry, or fail the flow."""
+        ...
+
+    def sleep_until(self, name: str, until: datetime) -> None:
+        """Suspend until ``until`` unless it has passed."""
+        ...
+
+    def poll_later(self, point: Suspension, every: float) -> NoReturn:
+        """A ``wait_until`` condition was false: suspend until the next check."""
+        ...
+
+    def take_task(self, point: TaskPoint, child: Any) -> Checkpoint | TaskError:
+        """The child's result as the checkpoint, its failure, or (re)send and suspend."""
+        ...
+
+    def take_signal_or_suspend(self, point: Suspension, validate: Validator) -> Checkpoint:
+        """Consume a waiting signal as the checkpoint, or suspend."""
+        ...
+
+
 class FlowContext(Generic[InputT]):
     """The handle a flow handler receives as ``f``."""
 
-    def __init__(self, execution: Execution, flow_id: str, input: InputT) -> None:
+    def __init__(self, execution: ExecutionPort, flow_id: str, input: InputT) -> None:
         self._x = execution
         self.flow_id = flow_id
         self.input = input
-        self._history = execution.history
         self._seq = 0
         self._occurrences: Counter[str] = Counter()
 
@@ -135,8 +204,8 @@ class FlowContext(Generic[InputT]):
         self._occurrences[name] += 1
         seq = self._seq
         self._seq += 1
-        if seq < len(self._history):
-            cp = self._history[seq]
+        cp = self._x.recorded(seq)
+        if cp is not None:
             if (cp.kind, cp.name, cp.occurrence) != (kind, name, occurrence):
                 raise NonDeterminismError(
                     f"flow {self.flow_id}: checkpoint {seq} was recorded as "
@@ -153,7 +222,7 @@ class FlowContext(Generic[InputT]):
     @property
     def replaying(self) -> bool:
         """True while recorded checkpoints remain ahead of the handler."""
-        return self._seq < len(self._history)
+        return self._seq < self._x.recorded_count()
 
     # -- step -----------------------------------------------------------------------
 
@@ -173,7 +242,7 @@ class FlowContext(Generic[InputT]):
             return _json.loads(cp.result)
         started = utcnow()
         attempt, value = self._run_user_code(seq, name, occurrence, fn, retry)
-        result = _encode(value, f"step {name!r}", name)
+        result = _encode(value, f"step {name!r}", name, self._x.max_value_bytes)
         cp = Checkpoint(seq, "step", name, occurrence, result)
         self._x.commit(cp, started_at=started, attempts=attempt)
         return _json.loads(result)
@@ -230,7 +299,9 @@ class FlowContext(Generic[InputT]):
         _check_name(name, "wait_until")
         every_s = parse_duration(every, what=f"wait_until {name!r} every")
         timeout_s = (
-            parse_duration(timeout, what=f"wait_until {name!r} timeout") if timeout else None
+            parse_duration(timeout, what=f"wait_until {name!r} timeout")
+            if timeout is not None
+            else None
         )
         seq, occurrence, cp = self._next("wait", name)
         if cp is not None:
@@ -239,7 +310,7 @@ class FlowContext(Generic[InputT]):
         _, value = self._run_user_code(seq, name, occurrence, condition, None)
         if not value:
             self._x.poll_later(Suspension(seq, name, occurrence, timeout_s), every_s)
-        result = _encode(value, f"wait_until {name!r}", name)
+        result = _encode(value, f"wait_until {name!r}", name, self._x.max_value_bytes)
         cp = Checkpoint(seq, "wait", name, occurrence, result)
         self._x.commit(cp, started_at=started, attempts=1)
         return _json.loads(result)
@@ -271,7 +342,7 @@ class FlowContext(Generic[InputT]):
         resend = (
             parse_duration(resend_after, what=f"run_task {name!r} resend_after")
             if resend_after is not None
-            else self._x.engine.task_resend_after
+            else self._x.task_resend_after
         )
         seq, occurrence, cp = self._next("task", name)
         if cp is not None:
@@ -311,7 +382,7 @@ class FlowContext(Generic[InputT]):
         ``expired`` if no valid signal comes in time.
         """
         _check_name(name, "signal")
-        timeout_s = parse_duration(timeout, what="suspend timeout") if timeout else None
+        timeout_s = parse_duration(timeout, what="suspend timeout") if timeout is not None else None
         seq, occurrence, cp = self._next("suspend", name)
         if cp is None:
             point = Suspension(seq, name, occurrence, timeout_s)
@@ -357,14 +428,15 @@ def _task_call(
     return name, call, child
 
 
-def _encode(value: Any, what: str, step: str) -> str:
+def _encode(value: Any, what: str, step: str, limit: int) -> str:
     try:
-        return _json.dumps(value)
+        text = _json.dumps(value)
     except (TypeError, ValueError) as exc:
         raise StepResultNotSerializable(
             f"{what} returned a {type(value).__name__} that cannot be stored as JSON: {exc}",
             step=step,
         ) from None
+    return _json.check_size(text, limit, f"the result of {what}")
 
 
 def _validator(schema: type[BaseModel] | None) -> Callable[[str], str]:

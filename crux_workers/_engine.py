@@ -55,16 +55,20 @@ Handler = Callable[[FlowContext[Any]], Any]
 
 @dataclass(frozen=True, slots=True)
 class FlowDef:
-    """A registered flow: its name, handler and input model."""
+    """A registered flow: its name, handler, input model and queue (None: the app's)."""
 
     name: str
     fn: Handler
     input_model: type[BaseModel]
+    queue: str | None = None
 
 
 AdvanceKind = Literal[
     "completed", "failed", "suspended", "expired", "cancelled", "busy", "noop", "lost"
 ]
+
+
+_STOPPED: dict[str, AdvanceKind] = {k: k for k in ("expired", "cancelled", "failed")}
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,7 +175,25 @@ class Execution:
         # suspends; a flow that finishes in one go never touches the cache.
         self.uncached: list[Checkpoint] = []
 
-    # Called by FlowContext ---------------------------------------------------------
+    # The ExecutionPort FlowContext talks to -------------------------------------------
+
+    @property
+    def task_resend_after(self) -> float:
+        """The default ``resend_after`` of ``run_task`` children, in seconds."""
+        return self.engine.task_resend_after
+
+    @property
+    def max_value_bytes(self) -> int:
+        """The largest step result the record takes, as JSON bytes."""
+        return self.engine.max_value_bytes
+
+    def recorded(self, seq: int) -> Checkpoint | None:
+        """The checkpoint recorded at ``seq``, or None past the recorded ones."""
+        return self.history[seq] if seq < len(self.history) else None
+
+    def recorded_count(self) -> int:
+        """How many checkpoints are recorded so far (replayed and committed)."""
+        return len(self.history)
 
     def before_step(self) -> None:
         """Stop here if the lease is lost, or may have lapsed, before running user code.
@@ -323,8 +345,10 @@ class Engine:
         lease_ttl: float = 30.0,
         send_child: Callable[[str, str, Any], None] | None = None,
         task_resend_after: float = 300.0,
+        max_value_bytes: int = 1024 * 1024,
     ) -> None:
         self.store = store
+        self.max_value_bytes = max_value_bytes
         self.cache = cache
         self.lookup = lookup
         self.lease_ttl = lease_ttl
@@ -403,11 +427,7 @@ class Engine:
             return Advance("suspended", steps_run=execution.steps_run, wake_in=suspended.wake_in)
         except FlowStopped as stop:
             self.cache.drop(flow_id)
-            kind = str(stop)
-            return Advance(
-                kind if kind in ("expired", "cancelled", "failed") else "noop",  # type: ignore[arg-type]
-                steps_run=execution.steps_run,
-            )
+            return Advance(_STOPPED.get(stop.status, "noop"), steps_run=execution.steps_run)
         except LeaseLost as exc:
             log.warning("flow %s: %s; this execution stops without writing", flow_id, exc)
             return Advance("lost", steps_run=execution.steps_run)

@@ -8,6 +8,8 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
 
+from .errors import ValueTooLarge
+
 
 def _default(value: Any) -> Any:
     if isinstance(value, BaseModel):
@@ -43,6 +45,19 @@ def check_depth(value: Any, limit: int = MAX_DEPTH) -> None:
                 raise ValueError(f"nested deeper than {limit} levels")
             children = item.values() if isinstance(item, dict) else item
             todo.extend((child, depth + 1) for child in children)
+
+
+def check_size(text: str, limit: int, what: str) -> str:
+    """Return ``text``; raise ``ValueTooLarge`` when its UTF-8 form is over ``limit`` bytes."""
+    size = len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+    if size > limit:
+        raise ValueTooLarge(
+            f"{what} is {size} bytes as JSON, over the limit of {limit} "
+            "(CRUX_MAX_VALUE_BYTES); store large data elsewhere and keep a reference",
+            size=size,
+            limit=limit,
+        )
+    return text
 
 
 def safe_text(text: str) -> str:

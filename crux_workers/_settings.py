@@ -61,6 +61,11 @@ class Settings(BaseSettings):
     signal_max_bytes: int = Field(
         default=256 * 1024, ge=1024, description="largest published signal message accepted"
     )
+    max_value_bytes: int = Field(
+        default=1024 * 1024,
+        ge=1024,
+        description="largest stored value: flow input, step result, signal payload, child result",
+    )
     embedded_threads: int = Field(default=4, ge=1, le=64, description="embedded executor threads")
     auto_migrate: bool = Field(default=True, description="bring the schema to head on first use")
 

@@ -1,21 +1,27 @@
-"""The Celery side: the app's configuration and one task per flow.
+"""The Celery transport: the only module that imports Celery.
 
-Every message is a hint to look at the record: the task claims the flow's lease
-in Postgres and replays. Redelivered or duplicated messages are harmless.
+The app's Celery configuration, one task per flow, the child-outcome callbacks and
+the sweep task. Every message is a hint to look at the record: the task claims the
+flow's lease in Postgres and replays. Redelivered or duplicated messages are harmless.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import threading
 from typing import TYPE_CHECKING, Any
 
 from celery import Celery
 from celery.worker.consumer import Consumer
 
+from ._transport import PublishedSignal
+
 if TYPE_CHECKING:
-    from ._app import Crux
     from ._engine import FlowDef
+    from ._registry import FlowRegistry
+    from ._runtime import Runtime
+    from ._settings import Settings
 
 log = logging.getLogger("crux_workers.tasks")
 
@@ -67,9 +73,69 @@ def task_name(flow_name: str) -> str:
     return TASK_PREFIX + flow_name
 
 
-def make_celery(crux: Crux) -> Celery:
+class CeleryTransport:
+    """Executions, children and published signals as messages on the Celery broker."""
+
+    def __init__(self, settings: Settings, runtime: Runtime, registry: FlowRegistry) -> None:
+        self._settings = settings
+        self._runtime = runtime
+        self._registry = registry
+        self._celery: Celery | None = None
+        self._lock = threading.Lock()
+        registry.on_define(self._defined)
+
+    @property
+    def celery(self) -> Celery:
+        """The Celery app (built on first use; nothing connects until a message is sent)."""
+        if self._celery is None:
+            with self._lock:
+                if self._celery is None:
+                    self._celery = make_celery(self._settings, self._runtime, self._registry)
+        return self._celery
+
+    def _defined(self, defn: FlowDef) -> None:
+        if self._celery is not None:
+            register_flow_task(self._celery, self._runtime, defn)
+
+    def flow_task(self, defn: FlowDef) -> Any:
+        """The Celery task that starts and resumes ``defn``."""
+        return register_flow_task(self.celery, self._runtime, defn)
+
+    def enqueue(
+        self, flow_name: str, flow_id: str, countdown: float | None = None, *, start: bool = False
+    ) -> None:
+        """Publish the flow's task; ``countdown`` only for short delays (see docs/time.md).
+
+        Starts go out at a lower priority than resumes, so a signal's resume does not
+        wait behind a burst of new flows.
+        """
+        defn = self._registry.get(flow_name)
+        options: dict[str, Any] = {}
+        if defn is not None and defn.queue:
+            options["queue"] = defn.queue
+        if countdown:
+            options["countdown"] = countdown
+        if start:
+            options["priority"] = START_PRIORITY
+        self.celery.send_task(task_name(flow_name), args=[flow_id], **options)
+
+    def send_child(self, task_id: str, call: dict[str, Any], child: Any) -> None:
+        """Publish the child with its outcome routed back to the flow queue."""
+        send_child(self.celery, self._settings.queue, task_id, call)
+
+    def publish_signal(self, signal: PublishedSignal) -> None:
+        """Publish the signal's wire message on the signals queue, for the ingress."""
+        publish_json(self.celery, self._settings.signal_queue, signal.body, signal.headers)
+
+    def start(self) -> None:
+        """Nothing to start here: `crux-workers worker` runs the Celery worker."""
+
+    def close(self) -> None:
+        """Nothing to release: Celery owns the producer pool."""
+
+
+def make_celery(s: Settings, runtime: Runtime, registry: FlowRegistry) -> Celery:
     """A Celery app configured for durable flows on the Redis broker."""
-    s = crux.settings
     app = Celery("crux_workers", broker=s.effective_broker_url, set_as_current=False)
     transport = {
         # Must exceed the longest task run, and be the same in every process sharing
@@ -108,16 +174,16 @@ def make_celery(crux: Crux) -> Celery:
 
     @app.task(name=SWEEP_TASK, acks_late=False, shared=False)  # type: ignore[untyped-decorator]
     def sweep() -> dict[str, Any]:
-        report = crux.sweep()
+        report = runtime.sweep()
         return {"tick": report.tick, "expired": report.expired, "published": report.published}
 
-    _register_child_callbacks(app, crux)
-    for defn in crux.flow_defs():
-        register_flow_task(app, crux, defn)
+    _register_child_callbacks(app, runtime)
+    for defn in registry.all():
+        register_flow_task(app, runtime, defn)
     return app
 
 
-def _register_child_callbacks(app: Celery, crux: Crux) -> None:
+def _register_child_callbacks(app: Celery, runtime: Runtime) -> None:
     """The link and link_error of every child sent by ``run_task``.
 
     A record that is down makes them retry; past that, the flow's resend timer sends
@@ -136,17 +202,17 @@ def _register_child_callbacks(app: Celery, crux: Crux) -> None:
 
     @app.task(name=TASK_DONE, **retrying)  # type: ignore[untyped-decorator]
     def task_done(result: Any, task_id: str) -> None:
-        crux.complete_task(task_id, result=result)
+        runtime.complete_task(task_id, result=result)
 
     @app.task(name=TASK_FAILED, **retrying)  # type: ignore[untyped-decorator]
     def task_failed(request: Any, exc: Any = None, traceback: Any = None) -> None:
         # Called in-process, with the error, when the child ran on a crux worker; sent
         # as a message with just the child's task id when it ran on another service's.
         if isinstance(request, str):
-            crux.complete_task(request, error=None, remote_failure=True)
+            runtime.complete_task(request, error=None, remote_failure=True)
         else:
             error = exc if isinstance(exc, BaseException) else RuntimeError(repr(exc))
-            crux.complete_task(str(request.id), error=error)
+            runtime.complete_task(str(request.id), error=error)
 
 
 def send_child(app: Celery, queue: str, task_id: str, call: dict[str, Any]) -> None:
@@ -164,17 +230,17 @@ def send_child(app: Celery, queue: str, task_id: str, call: dict[str, Any]) -> N
     )
 
 
-def register_flow_task(app: Celery, crux: Crux, defn: FlowDef) -> Any:
+def register_flow_task(app: Celery, runtime: Runtime, defn: FlowDef) -> Any:
     """Register the task that starts and resumes ``defn``."""
     name = task_name(defn.name)
     if name in app.tasks:
         return app.tasks[name]
 
     def advance_flow(flow_id: Any) -> None:
-        crux.execute(defn.name, flow_id)
+        runtime.execute(defn.name, flow_id)
 
     # Celery compiles a signature from __name__: flow names like "first-week" are not
-    # identifiers. Arguments are checked by crux.execute, not by Celery (typing=False).
+    # identifiers. Arguments are checked by runtime.execute, not by Celery (typing=False).
     ident = re.sub(r"\W", "_", defn.name)
     advance_flow.__name__ = advance_flow.__qualname__ = f"advance_{ident}"
     # shared=False: a shared task would be registered on every later Celery app in this

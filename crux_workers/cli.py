@@ -51,9 +51,7 @@ def worker(ctx: click.Context, imports: tuple[str, ...]) -> None:
         click.echo("warning: no flows registered; pass --import myapp.flows", err=True)
     argv = ["worker", *ctx.args]
     if not any(a in ("-Q", "--queues") or a.startswith("--queues=") for a in ctx.args):
-        queues = {app.settings.queue} | {
-            h.queue for h in app._handles.values() if h.queue is not None
-        }
+        queues = {app.settings.queue} | app.registry.queues()
         argv += ["-Q", ",".join(sorted(queues))]
     app.celery.worker_main(argv)
 
@@ -157,7 +155,7 @@ def _dev_embedded(imports: tuple[str, ...]) -> None:
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         app.store  # noqa: B018
-        app.dispatcher  # noqa: B018 - starts the executor threads and the sweeper
+        app.transport.start()  # the executor threads and the sweeper
     except CruxError as exc:
         raise click.ClickException(str(exc)) from exc
     names = ", ".join(d.name for d in app.flow_defs()) or "none (pass --import)"

@@ -46,6 +46,10 @@ class InvalidInput(CruxError, ValueError):
     """Flow input or a call argument failed validation; nothing was recorded."""
 
 
+class ValueTooLarge(InvalidInput):
+    """A value to store (input, step result, signal payload, child result) is over the limit."""
+
+
 class FlowNotFound(CruxError, LookupError):
     """No flow with this id exists in the record."""
 
@@ -182,3 +186,7 @@ class LeaseLost(ControlFlow):
 
 class FlowStopped(ControlFlow):
     """The flow reached a terminal status (failed, cancelled, expired) mid-execution."""
+
+    def __init__(self, status: str = "failed") -> None:
+        super().__init__(status)
+        self.status = status

@@ -138,6 +138,7 @@ def test_public_names_are_pinned() -> None:
             "StepResultNotSerializable",
             "StepState",
             "StoreError",
+            "ValueTooLarge",
             "SwarmMessage",
             "SwarmResult",
             "UnknownFlow",

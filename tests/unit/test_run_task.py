@@ -23,7 +23,7 @@ class Sent:
 
     def __init__(self, h: Harness) -> None:
         self.calls: list[tuple[str, dict[str, Any]]] = []
-        h.app._send_child = self.send  # type: ignore[method-assign]
+        h.app.runtime.send_child = self.send  # type: ignore[method-assign]
 
     def send(self, task_id: str, call: str, child: Any) -> None:
         import json

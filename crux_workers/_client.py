@@ -1,0 +1,272 @@
+"""The client side of an app: start, signal, cancel, resume, read and wait on flows.
+
+Everything here records first and then asks the transport to act; a request that is
+lost on the way is repaired by the sweeper, because the record already says what is due.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import Any, Protocol
+
+from pydantic import BaseModel
+
+from . import _json, _wire
+from ._ids import check_id
+from ._models import (
+    TERMINAL,
+    ErrorInfo,
+    FlowOutcome,
+    FlowState,
+    SignalReceipt,
+    SignalState,
+    StepState,
+)
+from ._settings import Settings, redact
+from ._store._types import CruxStore, FlowRow, StepCache
+from ._transport import PublishedSignal, Transport
+from .errors import FlowIdConflict, InvalidInput, WaitTimeout
+
+log = logging.getLogger("crux_workers")
+
+
+class Services(Protocol):
+    """What the client and the runtime are given by the app: opened on first use."""
+
+    @property
+    def settings(self) -> Settings:
+        """The app's settings."""
+        ...
+
+    @property
+    def store(self) -> CruxStore:
+        """The durable record."""
+        ...
+
+    @property
+    def cache(self) -> StepCache:
+        """The step cache."""
+        ...
+
+    @property
+    def transport(self) -> Transport:
+        """The transport chosen for this app."""
+        ...
+
+
+def enqueue_quietly(
+    services: Services,
+    flow_name: str,
+    flow_id: str,
+    countdown: float | None,
+    *,
+    start: bool = False,
+) -> None:
+    """Ask for an execution; a failure is logged, not raised (the record says it is due)."""
+    try:
+        services.transport.enqueue(flow_name, flow_id, countdown, start=start)
+    except Exception as exc:
+        log.warning(
+            "flow %s: could not enqueue on %s (%s); it is recorded as due and the "
+            "sweeper will send it",
+            flow_id,
+            redact(services.settings.effective_broker_url),
+            exc,
+        )
+
+
+class Client:
+    """Start, signal, cancel, resume, read and wait on flows of one app."""
+
+    def __init__(self, services: Services) -> None:
+        self._s = services
+
+    def start(self, flow_name: str, model: BaseModel, flow_id: str | None = None) -> str:
+        """Record a pending flow with validated input and ask for its first execution.
+
+        The same ``flow_id`` twice returns the existing flow, never a second one.
+        """
+        if flow_id is None:
+            flow_id = str(uuid.uuid4())
+        else:
+            check_id(flow_id, "flow_id")
+        what = f"input of flow {flow_name!r}"
+        try:
+            _json.check_depth(model.model_dump(mode="json"))
+        except ValueError as exc:
+            raise InvalidInput(f"{what}: {exc}", flow=flow_name) from None
+        input_json = _json.check_size(
+            model.model_dump_json(), self._s.settings.max_value_bytes, what
+        )
+        row, created = self._s.store.create_flow(flow_id, flow_name, input_json)
+        if row.name != flow_name:
+            raise FlowIdConflict(
+                f"flow id {flow_id!r} is taken by a {row.name!r} flow", flow_id=flow_id
+            )
+        if created or row.status == "pending":
+            # A repeated start of a pending flow re-sends the request: the first one may
+            # have been lost with the process that sent it.
+            enqueue_quietly(self._s, flow_name, flow_id, None, start=True)
+        return flow_id
+
+    def resume(self, flow_id: str) -> str:
+        """Ask for a suspended flow to be replayed now; returns its flow name."""
+        check_id(flow_id, "flow_id")
+        name = self._s.store.request_resume(flow_id)
+        enqueue_quietly(self._s, name, flow_id, None)
+        return name
+
+    def signal_flow(
+        self, flow_id: str, name: str, payload: Any = None, *, key: str | None = None
+    ) -> SignalReceipt:
+        """Record a signal durably, then wake the flow if it is waiting for it."""
+        check_id(flow_id, "flow_id")
+        check_id(name, "signal name")
+        if key is not None:
+            check_id(key, "signal key")
+        try:
+            _json.check_depth(payload)
+            payload_json = _json.dumps(payload)
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise InvalidInput(f"signal {name!r}: payload is not JSON-able: {exc}") from None
+        _json.check_size(payload_json, self._s.settings.max_value_bytes, f"signal {name!r} payload")
+        got = self._s.store.record_signal(flow_id, name, payload_json, key)
+        if got.wake:
+            enqueue_quietly(self._s, got.flow_name, flow_id, None)
+        return SignalReceipt(
+            flow_id=flow_id, signal_id=got.signal_id, name=name, duplicate=got.duplicate
+        )
+
+    def publish_signal(
+        self, flow_id: str, name: str, payload: Any = None, *, key: str | None = None
+    ) -> str:
+        """Publish a signal message for the ingress; needs only the broker. Returns its key.
+
+        Without ``key`` a unique one is made, so a redelivered message is recorded once.
+        The message is signed when ``signal_secret`` is set. Where there is no broker
+        (the embedded default) the transport records the signal directly.
+        """
+        check_id(flow_id, "flow_id")
+        check_id(name, "signal name")
+        key = key if key is not None else f"pub-{uuid.uuid4().hex}"
+        check_id(key, "signal key")
+        s = self._s.settings
+        secret = s.signal_secret.get_secret_value().encode() if s.signal_secret else None
+        try:
+            body, headers = _wire.encode(flow_id, name, payload, key, secret)
+        except (TypeError, ValueError) as exc:
+            raise InvalidInput(f"signal {name!r}: payload is not JSON-able: {exc}") from None
+        size = len(body.encode())
+        if size > s.signal_max_bytes:
+            raise InvalidInput(
+                f"signal {name!r}: message is {size} bytes, over "
+                f"CRUX_SIGNAL_MAX_BYTES={s.signal_max_bytes}; the ingress would refuse it"
+            )
+        self._s.transport.publish_signal(
+            PublishedSignal(flow_id, name, payload, key, body, headers)
+        )
+        return key
+
+    def cancel_flow(self, flow_id: str, reason: str = "") -> str:
+        """Cancel a flow: at once if nothing runs it, else at its next step boundary.
+
+        Returns "cancelled" or "cancelling"; ``FlowAlreadyFinished`` for a finished flow.
+        """
+        check_id(flow_id, "flow_id")
+        if not isinstance(reason, str) or len(reason) > 10_000:
+            raise InvalidInput("cancel reason must be a string of at most 10000 characters")
+        status = self._s.store.cancel(flow_id, reason)
+        if status == "cancelled":
+            self._s.cache.drop(flow_id)
+        return status
+
+    def get_flow(self, flow_id: str) -> FlowState:
+        """Everything the record holds about a flow."""
+        check_id(flow_id, "flow_id")
+        return to_state(self._s.store.get_flow(flow_id, details=True))
+
+    def outcome(self, flow_id: str) -> FlowOutcome | None:
+        """The outcome if the flow has finished, else None."""
+        row = self._s.store.get_flow(flow_id, details=False)
+        if row.status not in TERMINAL:
+            return None
+        return FlowOutcome(
+            flow_id=row.id,
+            status=row.status,  # type: ignore[arg-type]
+            result=_maybe_json(row.result),
+            error=ErrorInfo.model_validate_json(row.error) if row.error else None,
+            cancel_reason=row.cancel_reason,
+        )
+
+    def wait(self, flow_id: str, timeout: float | None = 60.0) -> FlowOutcome:
+        """Block until the flow finishes; ``WaitTimeout`` after ``timeout`` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pause = 0.002
+        while True:
+            got = self.outcome(flow_id)
+            if got is not None:
+                return got
+            if deadline is not None and time.monotonic() >= deadline:
+                status = self._s.store.get_flow(flow_id, details=False).status
+                raise WaitTimeout(
+                    f"flow {flow_id} still {status} after {timeout}s",
+                    flow_id=flow_id,
+                    status=status,
+                )
+            time.sleep(pause)
+            pause = min(pause * 1.5, 0.1)
+
+
+def _maybe_json(text: str | None) -> Any:
+    return None if text is None else _json.loads(text)
+
+
+def to_state(row: FlowRow) -> FlowState:
+    """The public view of a record row."""
+    return FlowState(
+        flow_id=row.id,
+        name=row.name,
+        status=row.status,  # type: ignore[arg-type]
+        input=_json.loads(row.input),
+        result=_maybe_json(row.result),
+        error=ErrorInfo.model_validate_json(row.error) if row.error else None,
+        cancel_reason=row.cancel_reason,
+        waiting_on=row.waiting_on,
+        deadline=row.deadline,
+        wake_at=row.wake_at,
+        wake_kind=row.wake_kind,
+        epoch=row.epoch,
+        steps=[
+            StepState(
+                seq=s.seq,
+                kind=s.kind,
+                name=s.name,
+                occurrence=s.occurrence,
+                result=_json.loads(s.result),
+                attempts=s.attempts,
+                started_at=s.started_at,
+                completed_at=s.completed_at,
+            )
+            for s in row.steps
+        ],
+        signals=[
+            SignalState(
+                id=g.id,
+                name=g.name,
+                payload=_json.loads(g.payload),
+                key=g.key,
+                status=g.status,  # type: ignore[arg-type]
+                error=g.error,
+                consumed_seq=g.consumed_seq,
+                created_at=g.created_at,
+                consumed_at=g.consumed_at,
+            )
+            for g in row.signals
+        ],
+        step_errors=[ErrorInfo.model_validate_json(e.error) for e in row.step_errors],
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        finished_at=row.finished_at,
+    )
