@@ -97,13 +97,18 @@ class StepFailed(CruxError):
         """Wrap ``exc`` raised by ``step``, keeping what is needed to report it."""
         import traceback
 
+        try:
+            message = str(exc)
+            trace = "".join(traceback.format_exception(exc))
+        except Exception:  # an exception whose __str__ raises still fails its step
+            message = trace = f"<unprintable {type(exc).__name__}>"
         return cls(
-            f"step {step!r} failed on attempt {attempt}: {type(exc).__name__}: {exc}",
+            f"step {step!r} failed on attempt {attempt}: {type(exc).__name__}: {message}",
             step=step,
             attempt=attempt,
             error_type=f"{type(exc).__module__}.{type(exc).__qualname__}",
-            error_message=str(exc),
-            traceback="".join(traceback.format_exception(exc)),
+            error_message=message,
+            traceback=trace,
             retryable=_retryable(exc),
         )
 
