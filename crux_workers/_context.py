@@ -8,24 +8,27 @@ its stored result; the first unrecorded one is executed and committed.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import inspect
 import threading
 from collections import Counter
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Generic, NoReturn, Protocol, TypeVar
+from typing import Any, Generic, NoReturn, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
 from . import _json
 from ._durations import Duration, parse_duration
 from ._ids import MAX_ID, valid_id
+from ._loop import flow_loop
 from ._models import ErrorInfo, Retry
+from ._port import ExecutionPort
 from ._store._clock import utcnow
-from ._store._types import Checkpoint, Suspension, TaskError, TaskPoint, Validator
+from ._store._types import Checkpoint, Suspension, TaskError, TaskPoint
 from .errors import (
     CruxError,
     InvalidInput,
@@ -37,6 +40,7 @@ from .errors import (
 )
 
 InputT = TypeVar("InputT", bound=BaseModel)
+CancelHook = Callable[[Callable[[], None]], AbstractContextManager[None]]
 T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
 
@@ -50,6 +54,16 @@ class StepInfo:
     occurrence: int
     seq: int
     attempt: int
+    _cancel: threading.Event | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def cancelled(self) -> bool:
+        """True once the flow was cancelled while this step runs: stop early if you can.
+
+        Seen within about a second of the cancel (see docs/async.md). Async steps are
+        interrupted at their current ``await`` instead; sync code can only poll this.
+        """
+        return self._cancel is not None and self._cancel.is_set()
 
     @property
     def idempotency_key(self) -> str:
@@ -81,8 +95,16 @@ def _check_name(name: object, what: str) -> str:
     return name
 
 
-def call_maybe_async(fn: Callable[[], Any]) -> Any:
-    """Call ``fn``; if it returns an awaitable, run it to completion on a fresh loop."""
+class StepInterrupted(Exception):
+    """A step's coroutine was cancelled because the flow was cancelled (internal)."""
+
+
+def call_maybe_async(fn: Callable[[], Any], on_cancel: CancelHook | None = None) -> Any:
+    """Call ``fn``; if it returns an awaitable, run it on the process's flow loop.
+
+    With ``on_cancel``, a cancel request seen while the awaitable runs cancels it at
+    its current ``await`` and raises ``StepInterrupted`` here.
+    """
     value = fn()
     if not inspect.isawaitable(value):
         return value
@@ -91,16 +113,30 @@ def call_maybe_async(fn: Callable[[], Any]) -> Any:
     async def _await() -> Any:
         return await awaitable
 
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(_await())
-    # Called from inside a running loop (unusual for a worker): use a private thread.
+    if flow_loop.on_loop_thread():
+        # A sync call made from async code on the loop itself: it cannot block the loop
+        # it waits for, so it runs on a private loop in a private thread.
+        return _run_on_private_loop(_await())
+    future = flow_loop.submit(_await())
+    if on_cancel is None:
+        return future.result()
+
+    def cancel() -> None:
+        future.cancel()
+
+    with on_cancel(cancel):
+        try:
+            return future.result()
+        except concurrent.futures.CancelledError:
+            raise StepInterrupted() from None
+
+
+def _run_on_private_loop(coro: Any) -> Any:
     box: dict[str, Any] = {}
 
     def _runner() -> None:
         try:
-            box["value"] = asyncio.run(_await())
+            box["value"] = asyncio.run(coro)
         except BaseException as exc:
             box["error"] = exc
 
@@ -110,75 +146,6 @@ def call_maybe_async(fn: Callable[[], Any]) -> Any:
     if "error" in box:
         raise box["error"]
     return box["value"]
-
-
-class ExecutionPort(Protocol):
-    """What a ``FlowContext`` asks of the execution that runs it.
-
-    The engine's ``Execution`` implements it over the record; the context knows
-    nothing of leases, stores or transports beyond these calls. Calls that end the
-    execution (suspend, stop, fail) raise the control-flow exceptions of ``errors``.
-    """
-
-    @property
-    def task_resend_after(self) -> float:
-        """The default ``resend_after`` of ``run_task`` children, in seconds."""
-        ...
-
-    @property
-    def max_value_bytes(self) -> int:
-        """The largest step result the record takes, as JSON bytes."""
-        ...
-
-    def recorded(self, seq: int) -> Checkpoint | None:
-        """The checkpoint recorded at ``seq`` (replayed or committed), or None past them."""
-        ...
-
-    def recorded_count(self) -> int:
-        """How many checkpoints are recorded so far."""
-        ...
-
-    def before_step(self) -> None:
-        """Raise ``LeaseLost`` if this execution may no longer run user code."""
-        ...
-
-    def keep_lease(self) -> AbstractContextManager[None]:
-        """Keep the lease alive while user code runs."""
-        ...
-
-    def attempt_for(self, seq: int) -> int:
-        """The attempt number of the step at ``seq``."""
-        ...
-
-    def now(self) -> datetime:
-        """The record's clock."""
-        ...
-
-    def commit(self, cp: Checkpoint, *, started_at: datetime, attempts: int) -> None:
-        """Commit a checkpoint, fenced; stop here if cancellation was asked."""
-        ...
-
-    def step_failed(
-        self, seq: int, name: str, attempt: int, exc: StepFailed, retry: Retry | None
-    ) -> NoReturn:
-        """Record a failed attempt: suspend for a retry, or fail the flow."""
-        ...
-
-    def sleep_until(self, name: str, until: datetime) -> None:
-        """Suspend until ``until`` unless it has passed."""
-        ...
-
-    def poll_later(self, point: Suspension, every: float) -> NoReturn:
-        """A ``wait_until`` condition was false: suspend until the next check."""
-        ...
-
-    def take_task(self, point: TaskPoint, child: Any) -> Checkpoint | TaskError:
-        """The child's result as the checkpoint, its failure, or (re)send and suspend."""
-        ...
-
-    def take_signal_or_suspend(self, point: Suspension, validate: Validator) -> Checkpoint:
-        """Consume a waiting signal as the checkpoint, or suspend."""
-        ...
 
 
 class FlowContext(Generic[InputT]):
@@ -234,34 +201,66 @@ class FlowContext(Generic[InputT]):
         return the JSON form (a model comes back as a dict), so a first run and a
         replay see the same value.
         """
-        _check_name(name, "step")
-        if not callable(fn):
-            raise InvalidInput(f"step {name!r}: fn must be callable, got {type(fn).__name__}")
-        seq, occurrence, cp = self._next("step", name)
+        seq, occurrence, cp = self._open_step(name, fn)
         if cp is not None:
             return _json.loads(cp.result)
         started = utcnow()
         attempt, value = self._run_user_code(seq, name, occurrence, fn, retry)
-        result = _encode(value, f"step {name!r}", name, self._x.max_value_bytes)
-        cp = Checkpoint(seq, "step", name, occurrence, result)
-        self._x.commit(cp, started_at=started, attempts=attempt)
+        return self._commit_value("step", seq, name, occurrence, value, started, attempt)
+
+    def _open_step(self, name: str, fn: object) -> tuple[int, int, Checkpoint | None]:
+        _check_name(name, "step")
+        if not callable(fn):
+            raise InvalidInput(f"step {name!r}: fn must be callable, got {type(fn).__name__}")
+        return self._next("step", name)
+
+    def _commit_value(
+        self,
+        kind: str,
+        seq: int,
+        name: str,
+        occurrence: int,
+        value: Any,
+        started: datetime,
+        attempts: int,
+    ) -> Any:
+        what = f"{'step' if kind == 'step' else 'wait_until'} {name!r}"
+        result = _encode(value, what, name, self._x.max_value_bytes)
+        self._x.commit(
+            Checkpoint(seq, kind, name, occurrence, result), started_at=started, attempts=attempts
+        )
         return _json.loads(result)
 
     def _run_user_code(
         self, seq: int, name: str, occurrence: int, fn: Callable[[], Any], retry: Retry | None
     ) -> tuple[int, Any]:
         """Run a step's (or a condition's) function in its context; handle its failure."""
-        self._x.before_step()
-        attempt = self._x.attempt_for(seq)
-        token = _current_step.set(StepInfo(self.flow_id, name, occurrence, seq, attempt))
+        attempt, token = self._enter_step(seq, name, occurrence)
         try:
             with self._x.keep_lease():
-                return attempt, call_maybe_async(fn)
+                return attempt, call_maybe_async(fn, self._x.on_cancel)
+        except StepInterrupted:
+            self._x.stop_cancelled(name)
         except Exception as exc:
-            failure = StepFailed.from_exception(exc, step=name, attempt=attempt)
-            self._x.step_failed(seq, name, attempt, failure, retry)
+            self._step_raised(seq, name, attempt, exc, retry)
         finally:
             _current_step.reset(token)
+
+    def _enter_step(self, seq: int, name: str, occurrence: int) -> tuple[int, Any]:
+        """Check the lease, then make the step current; returns its attempt and a reset token."""
+        self._x.before_step()
+        attempt = self._x.attempt_for(seq)
+        info = StepInfo(self.flow_id, name, occurrence, seq, attempt, self._x.cancel_seen)
+        return attempt, _current_step.set(info)
+
+    def _step_raised(
+        self, seq: int, name: str, attempt: int, exc: Exception, retry: Retry | None
+    ) -> NoReturn:
+        if self._x.cancel_seen.is_set():
+            # Cancelled meanwhile: the step's failure is moot (and not worth a retry).
+            self._x.stop_cancelled(name)
+        failure = StepFailed.from_exception(exc, step=name, attempt=attempt)
+        self._x.step_failed(seq, name, attempt, failure, retry)
 
     # -- time -------------------------------------------------------------------------
 
@@ -296,24 +295,36 @@ class FlowContext(Generic[InputT]):
         from its recorded steps. The truthy value is recorded (it must be JSON-able).
         With ``timeout``, the flow ends ``expired`` if the condition stays false.
         """
+        point, cp = self._open_wait(name, condition, every, timeout)
+        if cp is not None:
+            return _json.loads(cp.result)
+        started = utcnow()
+        _, value = self._run_user_code(point.seq, name, point.occurrence, condition, None)
+        return self._settle_wait(point, every, value, started)
+
+    def _open_wait(
+        self, name: str, condition: object, every: Duration, timeout: Duration | None
+    ) -> tuple[Suspension, Checkpoint | None]:
         _check_name(name, "wait_until")
-        every_s = parse_duration(every, what=f"wait_until {name!r} every")
+        if not callable(condition):
+            raise InvalidInput(f"wait_until {name!r}: condition must be callable")
+        parse_duration(every, what=f"wait_until {name!r} every")
         timeout_s = (
             parse_duration(timeout, what=f"wait_until {name!r} timeout")
             if timeout is not None
             else None
         )
         seq, occurrence, cp = self._next("wait", name)
-        if cp is not None:
-            return _json.loads(cp.result)
-        started = utcnow()
-        _, value = self._run_user_code(seq, name, occurrence, condition, None)
+        return Suspension(seq, name, occurrence, timeout_s), cp
+
+    def _settle_wait(
+        self, point: Suspension, every: Duration, value: Any, started: datetime
+    ) -> Any:
         if not value:
-            self._x.poll_later(Suspension(seq, name, occurrence, timeout_s), every_s)
-        result = _encode(value, f"wait_until {name!r}", name, self._x.max_value_bytes)
-        cp = Checkpoint(seq, "wait", name, occurrence, result)
-        self._x.commit(cp, started_at=started, attempts=1)
-        return _json.loads(result)
+            self._x.poll_later(point, parse_duration(every))
+        return self._commit_value(
+            "wait", point.seq, point.name, point.occurrence, value, started, 1
+        )
 
     # -- child tasks --------------------------------------------------------------------
 

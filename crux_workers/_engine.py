@@ -7,6 +7,7 @@ unit tests run the same code.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import random
@@ -25,6 +26,9 @@ from pydantic import BaseModel, ValidationError
 
 from . import _json
 from ._context import FlowContext
+from ._context_async import AsyncFlowContext
+from ._keeper import keeper
+from ._loop import flow_loop
 from ._models import ErrorInfo, Retry
 from ._store._types import (
     Checkpoint,
@@ -50,7 +54,7 @@ from .errors import (
 
 log = logging.getLogger("crux_workers.flow")
 
-Handler = Callable[[FlowContext[Any]], Any]
+Handler = Callable[..., Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +65,11 @@ class FlowDef:
     fn: Handler
     input_model: type[BaseModel]
     queue: str | None = None
+
+    @property
+    def is_async(self) -> bool:
+        """Whether the handler is ``async def`` (it gets an ``AsyncFlowContext``)."""
+        return inspect.iscoroutinefunction(self.fn)
 
 
 AdvanceKind = Literal[
@@ -127,51 +136,6 @@ def error_json(exc: BaseException, *, step: str | None = None) -> str:
     return info.model_dump_json()
 
 
-class _LeaseKeeper:
-    """One thread per process renewing the leases of steps that are running long."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._watched: dict[int, tuple[Execution, float]] = {}
-        self._pid = 0
-
-    def _ensure_thread(self) -> None:
-        # Started lazily, and again in a forked child, where the parent's thread is gone.
-        if self._pid != os.getpid():
-            self._pid = os.getpid()
-            threading.Thread(target=self._run, name="crux-lease-keeper", daemon=True).start()
-
-    @contextmanager
-    def watch(self, execution: Execution, interval: float) -> Iterator[None]:
-        with self._lock:
-            self._ensure_thread()
-            self._watched[id(execution)] = (execution, interval)
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._watched.pop(id(execution), None)
-
-    def _run(self) -> None:
-        due: dict[int, float] = {}
-        while True:
-            time.sleep(0.25)
-            now = time.monotonic()
-            with self._lock:
-                watched = list(self._watched.items())
-            for key, (execution, interval) in watched:
-                if due.setdefault(key, now + interval) <= now:
-                    due[key] = now + interval
-                    execution.renew()
-            live = {k for k, _ in watched}
-            for key in list(due):
-                if key not in live:
-                    del due[key]
-
-
-_keeper = _LeaseKeeper()
-
-
 class Execution:
     """The state of one attempt to advance one flow; owns its lease."""
 
@@ -189,6 +153,10 @@ class Execution:
         self.claimed = claimed
         self.lost = False
         self.steps_run = 0
+        # Set once a cancel request is seen while a step runs (the step may poll it).
+        self.cancel_seen = threading.Event()
+        self._cancel_lock = threading.Lock()
+        self._cancel_callbacks: list[Callable[[], None]] = []
         self.trusted_until = 0.0
         self._trust_lease(claimed_at)
         # Checkpoints committed by this execution, cached in one round trip when it
@@ -229,9 +197,47 @@ class Execution:
 
     @contextmanager
     def keep_lease(self) -> Iterator[None]:
-        """Renew the lease in the background while a step's function runs."""
-        with _keeper.watch(self, self.engine.lease_ttl / 3):
+        """While a step's function runs: renew the lease, and watch for a cancel request."""
+        with keeper.watch(self, self.engine.lease_ttl / 3, self.engine.cancel_check_every):
             yield
+
+    @contextmanager
+    def on_cancel(self, callback: Callable[[], None]) -> Iterator[None]:
+        """Call ``callback`` (from the keeper's thread) if a cancel request is seen meanwhile."""
+        with self._cancel_lock:
+            self._cancel_callbacks.append(callback)
+            seen = self.cancel_seen.is_set()
+        if seen:
+            callback()
+        try:
+            yield
+        finally:
+            with self._cancel_lock:
+                self._cancel_callbacks.remove(callback)
+
+    def check_cancel(self) -> None:
+        """Look in the record for a cancel request; tell the running step if there is one."""
+        if self.cancel_seen.is_set():
+            return
+        try:
+            row = self.engine.store.get_flow(self.lease.flow_id, details=False)
+        except CruxError as exc:
+            log.warning("cancel check of flow %s failed: %s", self.lease.flow_id, exc)
+            return
+        if row.cancel_reason is None:
+            return
+        log.info("flow %s: cancel requested while a step runs", self.lease.flow_id)
+        self.cancel_seen.set()
+        with self._cancel_lock:
+            callbacks = list(self._cancel_callbacks)
+        for callback in callbacks:
+            callback()
+
+    def stop_cancelled(self, point: str) -> NoReturn:
+        """A running step was interrupted by a cancel: end the flow ``cancelled``."""
+        self.engine.store.finish(self.lease, "cancelled")
+        log.info("flow %s: cancelled during %r", self.lease.flow_id, point)
+        raise FlowStopped("cancelled")
 
     def _trust_lease(self, since: float) -> None:
         # Half the TTL: renewals start well before the record's lease_until passes.
@@ -366,8 +372,10 @@ class Engine:
         send_child: Callable[[str, str, Any], None] | None = None,
         task_resend_after: float = 300.0,
         max_value_bytes: int = 1024 * 1024,
+        cancel_check_every: float = 1.0,
     ) -> None:
         self.store = store
+        self.cancel_check_every = cancel_check_every
         self.max_value_bytes = max_value_bytes
         self.cache = cache
         self.lookup = lookup
@@ -429,7 +437,7 @@ class Engine:
                 log.info("flow %s (%s): started", flow_id, defn.name)
             else:
                 log.info("flow %s (%s): resumed at checkpoint %d", flow_id, defn.name, len(history))
-            value = defn.fn(ctx)
+            value = self._run_handler(defn, ctx)
             try:
                 result = _json.dumps(value)
             except (TypeError, ValueError) as exc:
@@ -455,6 +463,13 @@ class Engine:
             raise  # the record is unreachable: abandon this execution, do not fail the flow
         except Exception as exc:
             return self._fail(execution, exc)
+
+    @staticmethod
+    def _run_handler(defn: FlowDef, ctx: FlowContext[Any]) -> Any:
+        if defn.is_async:
+            # On the process's flow loop; this thread waits, as it would for a sync handler.
+            return flow_loop.run(defn.fn(AsyncFlowContext(ctx)))
+        return defn.fn(ctx)
 
     def _fail(self, execution: Execution, exc: BaseException) -> Advance:
         log.warning("flow %s: failed: %s", execution.lease.flow_id, exc)

@@ -24,7 +24,14 @@ def _loaded_after(code: str) -> list[str]:
 
 @pytest.mark.parametrize(
     "module",
-    ["crux_workers._engine", "crux_workers._context", "crux_workers.errors", "crux_workers"],
+    [
+        "crux_workers._engine",
+        "crux_workers._context",
+        "crux_workers._context_async",
+        "crux_workers._port",
+        "crux_workers.errors",
+        "crux_workers",
+    ],
 )
 def test_engine_and_context_import_no_driver_or_transport(module: str) -> None:
     loaded = _loaded_after(f"import {module}")
