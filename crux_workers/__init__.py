@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from ._app import Crux, default_app, flow, set_default_app
     from ._compose import SwarmMessage, SwarmResult, consensus, parallel, swarm
     from ._context import FlowContext, StepInfo, current_step
+    from ._context_async import AsyncFlowContext
     from ._flow import FlowHandle, FlowRun
     from ._models import (
         ErrorInfo,
@@ -25,7 +26,15 @@ if TYPE_CHECKING:
         StepState,
     )
     from ._settings import Settings
-    from ._signals import cancel_flow, get_flow, publish_signal, signal_flow
+    from ._signals import (
+        cancel_flow,
+        cancel_flow_async,
+        get_flow,
+        get_flow_async,
+        publish_signal,
+        signal_flow,
+        signal_flow_async,
+    )
 
 from .errors import (
     ConfigurationError,
@@ -76,6 +85,10 @@ _WHERE: dict[str, str] = {
     "get_flow": "crux_workers._signals",
     "publish_signal": "crux_workers._signals",
     "signal_flow": "crux_workers._signals",
+    "cancel_flow_async": "crux_workers._signals",
+    "get_flow_async": "crux_workers._signals",
+    "signal_flow_async": "crux_workers._signals",
+    "AsyncFlowContext": "crux_workers._context_async",
 }
 
 
@@ -94,6 +107,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     # defining and running flows
+    "AsyncFlowContext",
     "Crux",
     "FlowContext",
     "FlowHandle",
@@ -105,11 +119,14 @@ __all__ = [
     "default_app",
     "flow",
     "set_default_app",
-    # signals and state
+    # signals and state (each with an async form)
     "cancel_flow",
+    "cancel_flow_async",
     "get_flow",
+    "get_flow_async",
     "publish_signal",
     "signal_flow",
+    "signal_flow_async",
     # immediate compositions (inside a step)
     "consensus",
     "parallel",

@@ -228,6 +228,20 @@ class Crux:
         """Everything the record holds about a flow."""
         return self.client.get_flow(flow_id)
 
+    async def signal_flow_async(
+        self, flow_id: str, name: str, payload: Any = None, *, key: str | None = None
+    ) -> SignalReceipt:
+        """``signal_flow`` for async code (the event loop stays free)."""
+        return await self.client.signal_flow_async(flow_id, name, payload, key=key)
+
+    async def cancel_flow_async(self, flow_id: str, reason: str = "") -> str:
+        """``cancel_flow`` for async code."""
+        return await self.client.cancel_flow_async(flow_id, reason)
+
+    async def get_flow_async(self, flow_id: str) -> FlowState:
+        """``get_flow`` for async code."""
+        return await self.client.get_flow_async(flow_id)
+
     # -- worker calls ---------------------------------------------------------------------
 
     def execute(self, flow_name: str, flow_id: Any) -> Advance | None:

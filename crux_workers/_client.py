@@ -6,10 +6,14 @@ lost on the way is repaired by the sweeper, because the record already says what
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import time
 import uuid
-from typing import Any, Protocol
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol, TypeVar
 
 from pydantic import BaseModel
 
@@ -30,6 +34,17 @@ from ._transport import PublishedSignal, Transport
 from .errors import FlowIdConflict, InvalidInput, WaitTimeout
 
 log = logging.getLogger("crux_workers")
+T = TypeVar("T")
+
+# The async forms run the record's (blocking) calls here, not on the caller's loop and
+# not in its default executor, which the application may need for itself.
+_async_calls = ThreadPoolExecutor(max_workers=8, thread_name_prefix="crux-client")
+
+
+async def off_loop(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+    """Run a blocking client call on the client's threads; the event loop stays free."""
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(_async_calls, functools.partial(fn, *args, **kwargs))
 
 
 class Services(Protocol):
@@ -217,6 +232,52 @@ class Client:
                 )
             time.sleep(pause)
             pause = min(pause * 1.5, 0.1)
+
+    # -- async forms: the same calls, without blocking the caller's event loop ----------------
+
+    async def start_async(
+        self, flow_name: str, model: BaseModel, flow_id: str | None = None
+    ) -> str:
+        """``start`` for async code."""
+        return await off_loop(self.start, flow_name, model, flow_id)
+
+    async def signal_flow_async(
+        self, flow_id: str, name: str, payload: Any = None, *, key: str | None = None
+    ) -> SignalReceipt:
+        """``signal_flow`` for async code."""
+        return await off_loop(self.signal_flow, flow_id, name, payload, key=key)
+
+    async def cancel_flow_async(self, flow_id: str, reason: str = "") -> str:
+        """``cancel_flow`` for async code."""
+        return await off_loop(self.cancel_flow, flow_id, reason)
+
+    async def get_flow_async(self, flow_id: str) -> FlowState:
+        """``get_flow`` for async code."""
+        return await off_loop(self.get_flow, flow_id)
+
+    async def outcome_async(self, flow_id: str) -> FlowOutcome | None:
+        """``outcome`` for async code."""
+        return await off_loop(self.outcome, flow_id)
+
+    async def wait_async(self, flow_id: str, timeout: float | None = 60.0) -> FlowOutcome:
+        """``wait`` for async code: polls the record off the loop, sleeps on it."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        pause = 0.002
+        while True:
+            got = await self.outcome_async(flow_id)
+            if got is not None:
+                return got
+            if deadline is not None and loop.time() >= deadline:
+                row = await off_loop(self._s.store.get_flow, flow_id, details=False)
+                raise WaitTimeout(
+                    f"flow {flow_id} still {row.status} after {timeout}s",
+                    flow_id=flow_id,
+                    status=row.status,
+                )
+            await asyncio.sleep(pause)
+            # Async callers tend to wait on many flows at once: poll them more gently.
+            pause = min(pause * 1.5, 0.25)
 
 
 def _maybe_json(text: str | None) -> Any:

@@ -55,6 +55,18 @@ class FlowRun:
         """
         return self.app.client.wait(self.flow_id, timeout)
 
+    async def state_async(self) -> FlowState:
+        """``state`` for async code (does not block the event loop)."""
+        return await self.app.client.get_flow_async(self.flow_id)
+
+    async def outcome_async(self) -> FlowOutcome | None:
+        """``outcome`` for async code (does not block the event loop)."""
+        return await self.app.client.outcome_async(self.flow_id)
+
+    async def wait_async(self, timeout: float | None = 60.0) -> FlowOutcome:
+        """``wait`` for async code: the event loop stays free while the flow runs."""
+        return await self.app.client.wait_async(self.flow_id, timeout)
+
 
 class FlowHandle(Generic[M]):
     """A defined flow: start it, resume it, signal it."""
@@ -99,6 +111,13 @@ class FlowHandle(Generic[M]):
         model = self.validate_input(input)
         return FlowRun(self.app, self.app.client.start(self.name, model, flow_id))
 
+    async def run_async(
+        self, input: M | dict[str, Any] | None = None, *, flow_id: str | None = None
+    ) -> FlowRun:
+        """``run`` for async code (a FastAPI handler, an async flow's caller)."""
+        model = self.validate_input(input)
+        return FlowRun(self.app, await self.app.client.start_async(self.name, model, flow_id))
+
     def validate_input(self, input: Any) -> BaseModel:
         """The input as the flow's model; ``InvalidInput`` with pydantic's errors if not."""
         if isinstance(input, self.input_model):
@@ -119,6 +138,12 @@ class FlowHandle(Generic[M]):
     ) -> SignalReceipt:
         """Same as ``signal_flow`` on this flow's app."""
         return self.app.client.signal_flow(flow_id, name, payload, key=key)
+
+    async def signal_async(
+        self, flow_id: str, name: str, payload: Any = None, *, key: str | None = None
+    ) -> SignalReceipt:
+        """``signal`` for async code."""
+        return await self.app.client.signal_flow_async(flow_id, name, payload, key=key)
 
     @property
     def task(self) -> Any:

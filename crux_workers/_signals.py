@@ -42,3 +42,20 @@ def publish_signal(flow_id: str, name: str, payload: Any = None, *, key: str | N
     (a fresh one when none is given), which deduplicates redelivered messages.
     """
     return default_app().publish_signal(flow_id, name, payload, key=key)
+
+
+async def signal_flow_async(
+    flow_id: str, name: str, payload: Any = None, *, key: str | None = None
+) -> SignalReceipt:
+    """``signal_flow`` for async code: the record is written off the event loop."""
+    return await default_app().client.signal_flow_async(flow_id, name, payload, key=key)
+
+
+async def cancel_flow_async(flow_id: str, reason: str = "") -> str:
+    """``cancel_flow`` for async code."""
+    return await default_app().client.cancel_flow_async(flow_id, reason)
+
+
+async def get_flow_async(flow_id: str) -> FlowState:
+    """``get_flow`` for async code."""
+    return await default_app().client.get_flow_async(flow_id)

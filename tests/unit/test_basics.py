@@ -109,6 +109,7 @@ def test_cache_entries_round_trip_unusual_names() -> None:
 def test_public_names_are_pinned() -> None:
     assert sorted(crux_workers.__all__) == sorted(
         [
+            "AsyncFlowContext",
             "ConfigurationError",
             "Crux",
             "CruxError",
@@ -144,6 +145,9 @@ def test_public_names_are_pinned() -> None:
             "UnknownFlow",
             "WaitTimeout",
             "cancel_flow",
+            "cancel_flow_async",
+            "get_flow_async",
+            "signal_flow_async",
             "consensus",
             "current_step",
             "default_app",
