@@ -100,7 +100,8 @@ def _check_signature(
     secrets: Sequence[bytes],
     max_age: float,
     now: float | None,
-) -> None:
+) -> str | None:
+    """Raise for a missing or wrong signature; return why an authentic one is stale."""
     given = headers.get(SIGNATURE_HEADER)
     if not given:
         raise _reject("unsigned", f"no {SIGNATURE_HEADER} header and signing is required")
@@ -124,9 +125,10 @@ def _check_signature(
     if not any(matches):
         raise _reject("bad_signature", f"{SIGNATURE_HEADER} does not match the message")
     age = (time.time() if now is None else now) - int(stamp)
-    if abs(age) > max_age:
-        when = f"{age:.0f}s old" if age > 0 else f"{-age:.0f}s in the future"
-        raise _reject("stale", f"signed {when}; accepted within {max_age:.0f}s either way")
+    if abs(age) <= max_age:
+        return None
+    when = f"{age:.0f}s old" if age > 0 else f"{-age:.0f}s in the future"
+    return f"signed {when}; accepted within {max_age:.0f}s either way"
 
 
 def decode(
@@ -151,10 +153,15 @@ def decode(
         raise _reject("bad_fields", f"body must be text, not {type(raw).__name__}")
     if len(raw) > max_bytes:
         raise _reject("too_large", f"{len(raw)} bytes, over the {max_bytes}-byte limit")
+    stale = None
     if secret is not None:
         secrets = [secret] if previous_secret is None else [secret, previous_secret]
         given = headers if isinstance(headers, Mapping) else {}
-        _check_signature(raw, given, secrets, max_age, now)
+        stale = _check_signature(raw, given, secrets, max_age, now)
+    if stale is not None:
+        # Authentic, so safe to read: the refusal names the flow, signal and key, which
+        # lets an operator re-send a message that waited too long in a backlog.
+        raise _reject("stale", stale, **_known(_loads_or_none(raw)))
     try:
         fields = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -164,11 +171,7 @@ def decode(
     if not isinstance(fields, dict):
         raise _reject("bad_fields", f"expected a JSON object, got {type(fields).__name__}")
     flow_id, name, key = fields.get("flow_id"), fields.get("name"), fields.get("key")
-    known = {
-        "flow_id": flow_id if isinstance(flow_id, str) else None,
-        "name": name if isinstance(name, str) else None,
-        "key": key if isinstance(key, str) else None,
-    }
+    known = _known(fields)
     unknown = sorted(set(fields) - _FIELDS)
     problems = [f"unknown field {f[:40]!r}" for f in unknown[:_MAX_LISTED]]
     if len(unknown) > _MAX_LISTED:
@@ -186,6 +189,22 @@ def decode(
     if problems:
         raise _reject("bad_fields", "; ".join(problems), **known)
     return SignalMessage(str(flow_id), str(name), fields.get("payload"), known["key"])
+
+
+def _loads_or_none(raw: bytes) -> Any:
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError):
+        return None
+
+
+def _known(fields: Any) -> dict[str, str | None]:
+    """The fields worth keeping with a refusal, when they are strings."""
+    if not isinstance(fields, dict):
+        return {"flow_id": None, "name": None, "key": None}
+    return {
+        f: v if isinstance(v := fields.get(f), str) else None for f in ("flow_id", "name", "key")
+    }
 
 
 def _is_id(value: object) -> bool:

@@ -338,7 +338,7 @@ def test_a_captured_signed_message_is_a_duplicate_in_its_window_and_refused_afte
     time.sleep(max(0.0, sent_at + max_age + 1.5 - time.time()))
     deliver_then_flush(captured, 102)  # replayed after the window: refused
     assert [k for k, _ in signals(fleet, run.flow_id)].count("real-1") == 1
-    assert [r[0] for r in refusals(fleet)] == ["stale"]
+    assert [(r[0], r[3], r[4]) for r in refusals(fleet)] == [("stale", run.flow_id, "item")]
 
     # Signed, but with no key (a replay would not be a duplicate), or a v1 body-only MAC.
     keyless = json.dumps({"flow_id": run.flow_id, "name": "item", "payload": {"n": 7, "tag": "x"}})

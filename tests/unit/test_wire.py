@@ -131,6 +131,11 @@ def test_a_signed_message_is_accepted_only_within_its_freshness_window() -> None
         decode(body, signed(body, at=NOW + skew), secret=SECRET, max_bytes=4096, now=NOW)
     assert reason(body, signed(body, at=NOW - 301), secret=SECRET) == "stale"
     assert reason(body, signed(body, at=NOW + 301), secret=SECRET) == "stale"
+    # A stale message is authentic: its refusal names what it was for, to re-send it.
+    with pytest.raises(SignalRejected) as info:
+        decode(body, signed(body, at=NOW - 900), secret=SECRET, max_bytes=4096, now=NOW)
+    assert (getattr(info.value, "flow_id"), getattr(info.value, "key")) == ("f", "k")  # noqa: B009
+    assert "900s old" in info.value.detail
 
 
 def test_a_signed_message_needs_a_key() -> None:
