@@ -124,3 +124,25 @@ def guard_channel(channel: Any, max_body: int) -> None:
 
     GuardedMessage.__name__ = GuardedMessage.__qualname__ = f"Guarded{base.__name__}"
     channel.Message = GuardedMessage
+
+
+def guard_connection(conn: Any, max_body: int) -> None:
+    """Guard every channel of ``conn``: its default one, and each it creates from now on.
+
+    A worker reads more than its task queue on one connection (remote control, when on,
+    has its own channel): none of them may inflate what a broker client sent.
+    """
+    transport = conn.transport
+    if not getattr(transport, "_crux_guarded", False):
+        create = transport.create_channel
+
+        def create_channel(connection: Any) -> Any:
+            channel = create(connection)
+            guard_channel(channel, max_body)
+            return channel
+
+        transport.create_channel = create_channel
+        transport._crux_guarded = True
+    for channel in list(getattr(transport, "channels", None) or ()):
+        guard_channel(channel, max_body)
+    guard_channel(conn.default_channel, max_body)

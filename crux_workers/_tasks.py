@@ -45,12 +45,12 @@ class SafeConsumer(Consumer):  # type: ignore[misc]
     """
 
     def connect(self) -> Any:
-        """Celery's connection, its task channel guarded before any message is read."""
-        from ._envelope import guard_channel
+        """Celery's connection, its channels guarded before any message is read."""
+        from ._envelope import guard_connection
 
         conn = super().connect()
         limit = int(self.app.conf.get("crux_max_message_bytes") or _MAX_MESSAGE_BYTES)
-        guard_channel(conn.default_channel, limit)
+        guard_connection(conn, limit)
         return conn
 
     def create_task_handler(self, *args: Any, **kwargs: Any) -> Any:

@@ -282,6 +282,41 @@ def test_a_compression_bomb_is_refused_by_a_worker_before_it_is_inflated(
     assert client.llen("crux") == 0 and client.hlen("unacked") == 0
 
 
+def test_a_compression_bomb_broadcast_to_remote_control_is_not_inflated(
+    fleet: FaultFleet, client: Any, request: pytest.FixtureRequest
+) -> None:
+    worker = fleet.worker(concurrency=1)
+    before = peak_rss_mb(worker.proc.pid)
+    topic = "/0.celery.pidbox"  # kombu's fanout topic for the exchange, db 0
+    bomb = bzip2_bomb(BOMB_MB)
+    message = json.loads(
+        celery_envelope(
+            base64.b64encode(bomb).decode(),
+            {"compression": "application/x-bz2"},
+            body_encoding="base64",
+        )
+    )
+    message["properties"]["delivery_info"] = {"exchange": "celery.pidbox", "routing_key": ""}
+    assert client.publish(topic, json.dumps(message)) >= 1  # the worker is listening
+    # The worker still works, and did not inflate the bomb.
+    run = fleet.flows["fault-inbox"].run(input={})
+    fleet.app.signal_flow(run.flow_id, "item", {"n": 1, "tag": "stop"})
+    outcome = run.wait(timeout=90)
+    time.sleep(1.0)  # the broadcast is handled in the same loop; let it land
+    alive = worker.proc.poll() is None
+    peak = peak_rss_mb(worker.proc.pid) if alive else float("nan")
+    report(
+        request,
+        "worker remote-control bomb",
+        rss_before_mb=round(before),
+        peak_rss_mb=round(peak),
+        alive=alive,
+    )
+    assert alive, worker.tail()
+    assert outcome.status == "completed"
+    assert peak < RSS_BOUND_MB
+
+
 def test_a_worker_refuses_an_oversized_task_message_before_decoding_it(
     fleet: FaultFleet, client: Any
 ) -> None:
