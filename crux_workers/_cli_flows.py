@@ -3,6 +3,10 @@
 Readable tables by default, ``--json`` for scripts. Errors are one line on stderr
 and a non-zero exit code: 1 for a refused operation (unknown flow, finished flow,
 unreachable record), 2 for bad arguments (bad JSON, bad duration).
+
+What the record holds may come from anyone who can publish (a refused signal message,
+a flow id, an error message): every value printed as text goes through ``safe``, so
+no control character, escape sequence or bidi override reaches the terminal.
 """
 
 from __future__ import annotations
@@ -30,13 +34,32 @@ def operator_app() -> Iterator[Crux]:
     try:
         app = Crux(Settings.from_env(), record_only=True)
     except CruxError as exc:
-        raise click.ClickException(str(exc)) from exc
+        raise click.ClickException(safe(str(exc))) from exc
     try:
         yield app
     except CruxError as exc:
-        raise click.ClickException(str(exc)) from exc
+        raise click.ClickException(safe(str(exc))) from exc
     finally:
         app.close()
+
+
+def _escape(char: str) -> str:
+    code = ord(char)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def safe(text: str) -> str:
+    """``text`` with every non-printable character written as an escape (``\\x1b``).
+
+    Non-printable, as Python's ``str.isprintable`` has it: C0 and C1 controls (ESC, CR,
+    BEL, ...), DEL, format characters such as bidi overrides, separators other than
+    the space, surrogates and unassigned code points.
+    """
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else _escape(c) for c in text)
 
 
 def _when(value: datetime | None) -> str:
@@ -51,12 +74,14 @@ def _span(start: datetime | None, end: datetime | None) -> str:
 
 
 def _short(value: Any, width: int = 48) -> str:
-    text = value if isinstance(value, str) else _json.dumps(value)
+    text = safe(value if isinstance(value, str) else _json.dumps(value))
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """Left-aligned columns, two spaces apart."""
+    """Left-aligned columns, two spaces apart; every cell escaped (``safe``)."""
+    headers = [safe(h) for h in headers]
+    rows = [[safe(c) for c in r] for r in rows]
     widths = [
         max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
     ]
@@ -130,8 +155,8 @@ def list_flows(
 
 def _show(s: FlowState) -> str:
     out = [
-        f"flow      {s.flow_id}",
-        f"name      {s.name}",
+        f"flow      {safe(s.flow_id)}",
+        f"name      {safe(s.name)}",
         f"status    {s.status}",
         f"input     {_short(s.input, 100)}",
         f"created   {_when(s.created_at)}   updated {_when(s.updated_at)}"
@@ -139,16 +164,17 @@ def _show(s: FlowState) -> str:
     ]
     if s.waiting_on:
         out.append(
-            f"waiting   {s.waiting_on}" + (f" (deadline {_when(s.deadline)})" if s.deadline else "")
+            f"waiting   {safe(s.waiting_on)}"
+            + (f" (deadline {_when(s.deadline)})" if s.deadline else "")
         )
     if s.wake_at:
         out.append(f"wake      {s.wake_kind} at {_when(s.wake_at)}")
     if s.result is not None:
         out.append(f"result    {_short(s.result, 100)}")
     if s.error is not None:
-        out.append(f"error     {s.error.type}: {s.error.message}")
+        out.append(f"error     {safe(s.error.type)}: {safe(s.error.message)}")
     if s.cancel_reason:
-        out.append(f"cancelled {s.cancel_reason}")
+        out.append(f"cancelled {safe(s.cancel_reason)}")
     out += ["", "steps"]
     out.append(
         table(
@@ -240,7 +266,7 @@ def signal(flow_id: str, name: str, payload: Any, key: str | None, as_json: bool
         _emit_json(receipt.model_dump(mode="json"))
     else:
         what = "already recorded (same key)" if receipt.duplicate else "recorded"
-        click.echo(f"signal {name!r} {what} as #{receipt.signal_id} for flow {flow_id}")
+        click.echo(f"signal {name!r} {what} as #{receipt.signal_id} for flow {safe(flow_id)}")
 
 
 @flows.command()
@@ -254,7 +280,7 @@ def cancel(flow_id: str, reason: str, as_json: bool) -> None:
     if as_json:
         _emit_json({"flow_id": flow_id, "status": status})
     else:
-        click.echo(f"flow {flow_id}: {status}")
+        click.echo(f"flow {safe(flow_id)}: {status}")
 
 
 def _age(_ctx: click.Context, _param: click.Parameter, value: str) -> timedelta:

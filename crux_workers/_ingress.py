@@ -4,10 +4,13 @@ Services that reach only the broker publish JSON messages (``publish_signal``, o
 any client in any language; docs/signals.md) on the signals queue. The ingress
 consumes them with kombu and, for each one:
 
-1. checks it (size, signature, JSON, fields: ``_wire.decode``);
-2. records it with ``Crux.signal_flow``, which commits the signal and then enqueues
-   the resume, or records the refusal with its reason in ``crux_rejected_signals``;
-3. acknowledges it only after that commit.
+1. checks the raw envelope before kombu decodes anything (``_envelope.guard_channel``:
+   compressed, oversized or malformed envelopes are refused undecoded);
+2. checks the message (size, signature and freshness, JSON, fields: ``_wire.decode``);
+3. records it with ``Crux.signal_flow``, which commits the signal and then enqueues
+   the resume, or records the refusal with its reason in ``crux_rejected_signals``
+   (a bounded prefix of the body, its size and digest, a bounded detail);
+4. acknowledges it only after that commit.
 
 A crash before the acknowledgement redelivers the message (at least once); its
 ``key`` makes the second recording a no-op. A message the record cannot take right
@@ -19,12 +22,13 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from . import _wire
+from . import _envelope, _wire
 from ._settings import redact
 from .errors import FlowNotFound, FlowNotWaiting, InvalidInput, SignalRejected, StoreError
 
@@ -37,7 +41,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("crux_workers.ingress")
 
-_RAW_KEPT = 64 * 1024  # how much of a refused body is kept for the operator
+_RAW_KEPT = 1024  # bytes of a refused body kept for the operator (with its size and digest)
+_DETAIL_KEPT = 500  # characters of a refusal's detail
 _BACKOFF_MAX = 10.0
 
 Verdict = Literal["recorded", "duplicate", "rejected"]
@@ -65,14 +70,35 @@ class Ingress:
         self.app = app
         s = app.settings
         self._secret = s.signal_secret.get_secret_value().encode() if s.signal_secret else None
+        previous = s.signal_secret_previous
+        self._previous = previous.get_secret_value().encode() if previous else None
+        self._max_age = s.signal_max_age
         self._max_bytes = s.signal_max_bytes
 
     # -- one message ---------------------------------------------------------------
 
-    def handle(self, body: bytes | str | None, headers: Mapping[str, Any] | None) -> Handled:
-        """Check and record one message. Raises ``StoreError`` when the record is down."""
+    def handle(
+        self,
+        body: bytes | str | None,
+        headers: Mapping[str, Any] | None,
+        *,
+        received: float | None = None,
+    ) -> Handled:
+        """Check and record one message. Raises ``StoreError`` when the record is down.
+
+        ``received`` is when the message arrived: its freshness is judged then, so a
+        record that is down for a while does not turn fresh messages stale.
+        """
         try:
-            msg = _wire.decode(body, headers, secret=self._secret, max_bytes=self._max_bytes)
+            msg = _wire.decode(
+                body,
+                headers,
+                secret=self._secret,
+                previous_secret=self._previous,
+                max_age=self._max_age,
+                max_bytes=self._max_bytes,
+                now=received,
+            )
             receipt = self.app.signal_flow(msg.flow_id, msg.name, msg.payload, key=msg.key)
         except SignalRejected as exc:
             return self._reject(exc.reason, exc.detail, body, exc)
@@ -92,18 +118,17 @@ class Ingress:
         return Handled("duplicate" if receipt.duplicate else "recorded", str(receipt.signal_id))
 
     def _reject(self, reason: str, detail: str, body: bytes | str | None, src: Any) -> Handled:
-        raw = body.decode("utf-8", "replace") if isinstance(body, bytes) else (body or "")
-        if len(raw) > _RAW_KEPT:
-            raw = raw[:_RAW_KEPT] + f"... [{len(raw) - _RAW_KEPT} more characters not kept]"
+        if len(detail) > _DETAIL_KEPT:
+            detail = detail[: _DETAIL_KEPT - 1] + "…"
         self.app.store.record_rejected(
             reason,
             detail,
-            raw,
+            _envelope.kept(body if isinstance(body, bytes | str) else None, _RAW_KEPT),
             flow_id=getattr(src, "flow_id", None),
             name=getattr(src, "name", None),
             key=getattr(src, "key", None),
         )
-        log.warning("ingress: refused a signal message (%s): %s", reason, detail)
+        log.warning("ingress: refused a signal message (%s): %.200r", reason, detail)
         return Handled("rejected", f"{reason}: {detail}")
 
     # -- the consumer loop -------------------------------------------------------------
@@ -151,8 +176,12 @@ class Ingress:
         from kombu.messaging import Consumer
 
         channel = conn.channel()
+        _envelope.guard_channel(channel, self._max_bytes)
         consumer = Consumer(
-            channel, queues=[self._queue()], on_message=lambda m: self._on_message(m, stop)
+            channel,
+            queues=[self._queue()],
+            on_message=lambda m: self._on_message(m, stop),
+            on_decode_error=lambda m, exc: self._on_undecodable(m, exc, stop),
         )
         consumer.qos(prefetch_count=1)
         consumer.consume()
@@ -176,8 +205,42 @@ class Ingress:
         detail = "".join(traceback.format_exception_only(exc)).strip()
         self._retrying(lambda: self._reject("undecodable", detail, None, None), stop)
 
+    def _on_undecodable(self, message: Message, exc: Exception, stop: threading.Event) -> None:
+        # kombu built the message but could not decode it (a body that is not UTF-8, say):
+        # it is on the books, so it must be recorded and acknowledged like any other.
+        detail = "".join(traceback.format_exception_only(exc)).strip()
+        self._settle(message, lambda: self._reject("undecodable", detail, message.body, None), stop)
+
     def _on_message(self, message: Message, stop: threading.Event) -> None:
-        done = self._retrying(lambda: self.handle(message.body, message.headers), stop)
+        refusal: _envelope.Refusal | None = getattr(message, "refusal", None)
+        if refusal is not None:
+            # Refused from the raw envelope (compressed, too large, not a text body):
+            # nothing of it was decoded, and nothing is now.
+            self._settle(message, lambda: self._reject_refusal(refusal), stop)
+            return
+        received = time.time()
+        self._settle(
+            message, lambda: self.handle(message.body, message.headers, received=received), stop
+        )
+
+    def _reject_refusal(self, refusal: _envelope.Refusal) -> Handled:
+        self.app.store.record_rejected(refusal.reason, refusal.detail[:_DETAIL_KEPT], refusal.raw)
+        log.warning("ingress: refused a signal envelope (%s): %s", refusal.reason, refusal.detail)
+        return Handled("rejected", f"{refusal.reason}: {refusal.detail}")
+
+    def _settle(self, message: Message, fn: Any, stop: threading.Event) -> None:
+        """Record what becomes of ``message``, then acknowledge it, whatever it held."""
+        try:
+            done = self._retrying(fn, stop)
+        except Exception:
+            # Not even the refusal could be recorded (a bug, not an outage): keeping the
+            # message unacknowledged would stop the consumer, so it goes, loudly.
+            log.exception(
+                "ingress: could not record a message; dropping it: %s",
+                _envelope.kept(message.body if isinstance(message.body, bytes) else None, 200),
+            )
+            message.ack()
+            return
         if done is None:
             # Stopping while the record is down: hand the message back, unrecorded.
             message.requeue()

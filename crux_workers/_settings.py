@@ -66,6 +66,19 @@ class Settings(BaseSettings):
         ge=1024,
         description="largest stored value: flow input, step result, signal payload, child result",
     )
+    # -- signing and envelope limits (docs/signals.md) ---------------------------------
+    signal_secret_previous: SecretStr | None = Field(
+        default=None, description="for rotation: a second key the ingress also accepts"
+    )
+    signal_max_age: Seconds = Field(
+        default=300.0,
+        description="signed messages are accepted this long around their timestamp",
+    )
+    worker_max_message_bytes: int = Field(
+        default=8 * 1024 * 1024,
+        ge=64 * 1024,
+        description="largest task message body a worker decodes (compressed ones: refused)",
+    )
     embedded_threads: int = Field(default=4, ge=1, le=64, description="embedded executor threads")
     auto_migrate: bool = Field(default=True, description="bring the schema to head on first use")
 
@@ -77,6 +90,10 @@ class Settings(BaseSettings):
             raise ValueError("database_url must be a postgresql+psycopg:// or sqlite:/// URL")
         if self.signal_secret is not None and not self.signal_secret.get_secret_value():
             raise ValueError("signal_secret must not be empty (unset it to turn signing off)")
+        if self.signal_secret_previous is not None and (
+            self.signal_secret is None or not self.signal_secret_previous.get_secret_value()
+        ):
+            raise ValueError("signal_secret_previous needs signal_secret, and must not be empty")
         return self
 
     @property

@@ -38,8 +38,9 @@ def publish_signal(flow_id: str, name: str, payload: Any = None, *, key: str | N
     """Publish a signal for the ingress to record: for services that reach only the broker.
 
     Needs ``CRUX_REDIS_URL`` or ``CRUX_BROKER_URL`` (no database, no flow code). The
-    message is signed with ``CRUX_SIGNAL_SECRET`` when set. Returns the signal's key
-    (a fresh one when none is given), which deduplicates redelivered messages.
+    message is signed with ``CRUX_SIGNAL_SECRET`` when set (wire format v2: a timestamp
+    the ingress checks for freshness; docs/signals.md). Returns the signal's key (a
+    fresh one when none is given), which deduplicates redelivered and replayed messages.
     """
     return default_app().publish_signal(flow_id, name, payload, key=key)
 

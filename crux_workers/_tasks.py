@@ -32,6 +32,8 @@ TASK_FAILED = "crux.task_failed"
 # On Redis, 0 is the highest priority. Starts go to the "<queue>:9" list, which workers
 # read only when "<queue>" (resumes, timers, child outcomes) is empty.
 START_PRIORITY = 9
+# The raw task message size a worker decodes when no setting says otherwise.
+_MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 
 
 class SafeConsumer(Consumer):  # type: ignore[misc]
@@ -41,13 +43,40 @@ class SafeConsumer(Consumer):  # type: ignore[misc]
     header) escape as "Unrecoverable error", which stops the worker and, since the
     message goes back to the queue, every worker after it. Anything can publish on a
     shared broker: such a message is logged and dropped, the worker lives on.
+
+    kombu inflates a ``compression`` body while it builds the message, before Celery
+    sees it: the channel is guarded (``_envelope.guard_channel``) so that a compressed
+    message, or one whose raw body is over ``worker_max_message_bytes``, arrives here
+    undecoded and is refused (logged, rejected without requeue).
     """
+
+    def connect(self) -> Any:
+        """Celery's connection, its channels guarded before any message is read."""
+        from ._envelope import guard_connection
+
+        conn = super().connect()
+        limit = int(self.app.conf.get("crux_max_message_bytes") or _MAX_MESSAGE_BYTES)
+        guard_connection(conn, limit)
+        return conn
 
     def create_task_handler(self, *args: Any, **kwargs: Any) -> Any:
         """Wrap Celery's handler of incoming task messages."""
         handler = super().create_task_handler(*args, **kwargs)
 
         def on_task_received(message: Any) -> Any:
+            refusal = getattr(message, "refusal", None)
+            if refusal is not None:
+                log.error(
+                    "refusing a task message before decoding it (%s: %s); headers=%.300r",
+                    refusal.reason,
+                    refusal.detail,
+                    getattr(message, "headers", None),
+                )
+                try:
+                    message.reject(requeue=False)
+                except Exception:
+                    log.exception("could not reject the refused message")
+                return None
             try:
                 return handler(message)
             except Exception as exc:
@@ -162,6 +191,7 @@ def make_celery(s: Settings, runtime: Runtime, registry: FlowRegistry) -> Celery
         broker_transport_options=transport,
         broker_connection_retry_on_startup=True,
         worker_consumer="crux_workers._tasks:SafeConsumer",
+        crux_max_message_bytes=s.worker_max_message_bytes,  # read by SafeConsumer
     )
     app.conf.beat_schedule = {
         "crux-sweep": {

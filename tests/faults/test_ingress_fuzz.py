@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import create_engine, text
 
-from crux_workers._wire import sign
+from crux_workers._wire import TIMESTAMP_HEADER, sign
 from tests.workers import Service
 
 from .conftest import FaultFleet
@@ -51,13 +51,13 @@ def bodies(flow_id: str) -> st.SearchStrategy[tuple[str, bool]]:
     return st.one_of(good, wrong_fields, other)
 
 
-def envelope(body: str, signature: str | None) -> str:
+def envelope(body: str, signature: str | None, stamp: str = "") -> str:
     return json.dumps(
         {
             "body": body,
             "content-type": "application/json",
             "content-encoding": "utf-8",
-            "headers": {"crux-signature": signature} if signature else {},
+            "headers": {"crux-signature": signature, TIMESTAMP_HEADER: stamp} if signature else {},
             "properties": {
                 "delivery_tag": uuid.uuid4().hex,
                 "delivery_info": {"exchange": "", "routing_key": "crux.signals"},
@@ -112,12 +112,13 @@ def test_fuzzed_signal_messages_are_each_recorded_or_refused(fleet: FaultFleet) 
                 client.lpush("crux.signals", text_)  # not even kombu's envelope
                 sent["garbage"] += 1
                 return
+            stamp = str(int(time.time()))
             signature = {
-                "right": sign(SECRET.encode(), text_.encode()),
-                "wrong": sign(b"not-the-secret", text_.encode()),
+                "right": sign(SECRET.encode(), text_.encode(), stamp),
+                "wrong": sign(b"not-the-secret", text_.encode(), stamp),
                 "none": None,
             }[signing]
-            client.lpush("crux.signals", envelope(text_, signature))
+            client.lpush("crux.signals", envelope(text_, signature, stamp))
             sent["good" if good and signing == "right" else "bad"] += 1
 
         publish()

@@ -11,7 +11,7 @@ import redis
 from sqlalchemy import create_engine, text
 
 from crux_workers import Crux, Settings
-from crux_workers._wire import sign
+from crux_workers._wire import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
 from tests.workers import REPO, Service
 
 from .conftest import Fleet
@@ -122,7 +122,14 @@ def test_bad_messages_are_recorded_as_rejected_and_never_stop_the_consumer(fleet
 
     def signed(fields: dict[str, Any] | str) -> str:
         body = fields if isinstance(fields, str) else json.dumps(fields)
-        return envelope(body, {"crux-signature": sign(SECRET.encode(), body.encode())})
+        stamp = str(int(time.time()))
+        return envelope(
+            body,
+            {
+                TIMESTAMP_HEADER: stamp,
+                SIGNATURE_HEADER: sign(SECRET.encode(), body.encode(), stamp),
+            },
+        )
 
     good = {"flow_id": run.flow_id, "name": "email-verified", "payload": VERIFIED, "key": "ok"}
     bad = [
@@ -130,8 +137,8 @@ def test_bad_messages_are_recorded_as_rejected_and_never_stop_the_consumer(fleet
         signed("\x00 NUL bytes cannot go into Postgres text \x00"),
         signed({"flow_id": run.flow_id}),
         signed({"flow_id": run.flow_id, "name": "email-verified", "colour": "blue"}),
-        signed({"flow_id": "no-such-flow", "name": "email-verified"}),
-        signed({"flow_id": done.flow_id, "name": "n", "payload": 3}),
+        signed({"flow_id": "no-such-flow", "name": "email-verified", "key": "k1"}),
+        signed({"flow_id": done.flow_id, "name": "n", "payload": 3, "key": "k2"}),
         signed({"flow_id": run.flow_id, "name": "email-verified", "payload": "x" * 4000}),
         envelope(json.dumps(good)),
         envelope(json.dumps(good), {"crux-signature": "sha256=" + "0" * 64}),
