@@ -7,12 +7,11 @@ both); one lock stands in for the row locks and transactions.
 from __future__ import annotations
 
 import dataclasses
-import threading
 from collections.abc import Callable
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import Literal
 
-from .._models import TERMINAL
+from .._json import safe_text
 from ..errors import (
     FlowAlreadyFinished,
     FlowNotFound,
@@ -21,9 +20,11 @@ from ..errors import (
     NonDeterminismError,
     StoreError,
 )
+from . import _lifecycle as life
 from ._clock import utcnow
-from ._sql import _deadline
-from ._sql_tasks import task_id_for
+from ._lifecycle import CheckpointKind, FlowStatus, WakeKind, task_id_for
+from ._memory_admin import MemoryAdmin
+from ._memory_state import MemoryFlow, MemoryState, MemoryTask, flow_row
 from ._types import (
     Checkpoint,
     Claimed,
@@ -46,70 +47,27 @@ from ._types import (
 )
 
 
-@dataclasses.dataclass
-class _Flow:
-    id: str
-    name: str
-    status: str
-    input: str
-    created_at: datetime
-    updated_at: datetime
-    result: str | None = None
-    error: str | None = None
-    cancel_reason: str | None = None
-    waiting_on: str | None = None
-    deadline: datetime | None = None
-    wake_at: datetime | None = None
-    wake_kind: str | None = None
-    lease_owner: str | None = None
-    lease_until: datetime | None = None
-    epoch: int = 0
-    next_seq: int = 0
-    runs: int = 0
-    retry_attempt: int = 0
-    finished_at: datetime | None = None
-    steps: list[StepRow] = dataclasses.field(default_factory=list)
-    signals: list[SignalRow] = dataclasses.field(default_factory=list)
-    step_errors: list[StepErrorRow] = dataclasses.field(default_factory=list)
-
-
-@dataclasses.dataclass
-class _Task:
-    flow_id: str
-    name: str
-    task_id: str
-    attempt: int
-    call: str
-    created_at: datetime
-    sent_at: datetime
-    status: str = "pending"
-    result: str | None = None
-    error: str | None = None
-    sends: int = 1
-
-
 class MemoryStore:
     """``CruxStore`` in a dict under one lock."""
 
     def __init__(self, clock: Callable[[], datetime] = utcnow) -> None:
-        self._flows: dict[str, _Flow] = {}
-        self._lock = threading.RLock()
-        self._now = clock
+        state = MemoryState(clock)
+        self._flows, self._tasks = state.flows, state.tasks
+        self._lock, self._now = state.lock, clock
+        self._admin = MemoryAdmin(state)
         self._signal_ids = 0
         self._ticks: set[int] = set()
-        self._rejected: list[RejectedRow] = []
-        self._tasks: dict[tuple[str, int], _Task] = {}
         self.commits = 0
 
-    def _get(self, flow_id: str) -> _Flow:
+    def _get(self, flow_id: str) -> MemoryFlow:
         flow = self._flows.get(flow_id)
         if flow is None:
             raise FlowNotFound(f"no flow {flow_id!r}", flow_id=flow_id)
         return flow
 
-    def _fenced(self, lease: Lease) -> _Flow:
+    def _fenced(self, lease: Lease) -> MemoryFlow:
         flow = self._flows.get(lease.flow_id)
-        if flow is None or flow.epoch != lease.epoch or flow.status != "running":
+        if flow is None or flow.epoch != lease.epoch or flow.status != FlowStatus.RUNNING:
             raise LeaseLost(f"flow {lease.flow_id}: epoch {lease.epoch} no longer holds the lease")
         return flow
 
@@ -117,12 +75,12 @@ class MemoryStore:
         """Insert a pending flow, or return the existing row."""
         with self._lock:
             if flow_id in self._flows:
-                return self._row(self._flows[flow_id], details=False), False
+                return flow_row(self._flows[flow_id], details=False), False
             now = self._now()
-            flow = _Flow(flow_id, name, "pending", input_json, now, now, wake_at=now)
-            flow.wake_kind = "run"
+            flow = MemoryFlow(flow_id, name, FlowStatus.PENDING, input_json, now, now, wake_at=now)
+            flow.wake_kind = WakeKind.RUN
             self._flows[flow_id] = flow
-            return self._row(flow, details=False), True
+            return flow_row(flow, details=False), True
 
     def claim(self, flow_id: str, owner: str, ttl: float) -> Claimed | NotClaimed:
         """Take the lease if it is free and the flow has something to do."""
@@ -131,16 +89,16 @@ class MemoryStore:
             flow = self._flows.get(flow_id)
             if flow is None:
                 return NotClaimed("missing")
-            if flow.status in TERMINAL:
+            if life.is_terminal(flow.status):
                 return NotClaimed("finished")
-            if flow.lease_owner is not None and flow.lease_until and flow.lease_until >= now:
-                return NotClaimed("busy", (flow.lease_until - now).total_seconds())
-            due = flow.status in ("pending", "running") or (
-                flow.wake_kind == "run" or (flow.wake_at is not None and flow.wake_at <= now)
-            )
-            if not due:
+            if not life.claimable(
+                flow.status, flow.wake_kind, flow.wake_at, flow.lease_owner, flow.lease_until, now
+            ):
+                if life.lease_busy(flow.lease_owner, flow.lease_until, now):
+                    assert flow.lease_until is not None
+                    return NotClaimed("busy", (flow.lease_until - now).total_seconds())
                 return NotClaimed("idle")
-            flow.status = "running"
+            flow.status = FlowStatus.RUNNING
             flow.lease_owner, flow.lease_until = owner, now + timedelta(seconds=ttl)
             flow.epoch += 1
             flow.runs += 1
@@ -173,7 +131,7 @@ class MemoryStore:
             except LeaseLost:
                 return
             flow.lease_owner = flow.lease_until = None
-            flow.wake_at, flow.wake_kind = self._now(), "run"
+            flow.wake_at, flow.wake_kind = self._now(), WakeKind.RUN
 
     def load_checkpoints(self, flow_id: str) -> list[Checkpoint]:
         """All committed checkpoints of the flow, in sequence order."""
@@ -182,7 +140,7 @@ class MemoryStore:
             rows = list(flow.steps) if flow else []
         return [Checkpoint(r.seq, r.kind, r.name, r.occurrence, r.result) for r in rows]
 
-    def _touch(self, lease: Lease, ttl: float) -> _Flow:
+    def _touch(self, lease: Lease, ttl: float) -> MemoryFlow:
         flow = self._fenced(lease)
         now = self._now()
         flow.lease_until = now + timedelta(seconds=ttl)
@@ -190,7 +148,7 @@ class MemoryStore:
         return flow
 
     def _insert_step(
-        self, flow: _Flow, cp: Checkpoint, started_at: datetime | None, attempts: int
+        self, flow: MemoryFlow, cp: Checkpoint, started_at: datetime | None, attempts: int
     ) -> None:
         if any(
             s.seq == cp.seq or (s.name, s.occurrence) == (cp.name, cp.occurrence)
@@ -226,24 +184,25 @@ class MemoryStore:
         """The store's clock."""
         return self._now()
 
-    def _cancel_requested(self, flow: _Flow) -> bool:
+    def _cancel_requested(self, flow: MemoryFlow) -> bool:
         """After the fenced touch: end the flow cancelled if that was asked."""
         if flow.cancel_reason is None:
             return False
         self._cancelled(flow)
         return True
 
-    def _cancelled(self, flow: _Flow) -> None:
-        flow.status, flow.finished_at = "cancelled", self._now()
-        self._clear(flow)
+    def _cancelled(self, flow: MemoryFlow) -> None:
+        self._end(flow, FlowStatus.CANCELLED)
 
-    @staticmethod
-    def _clear(flow: _Flow) -> None:
+    def _end(self, flow: MemoryFlow, status: str) -> None:
+        """Give the flow a terminal status: it no longer has a lease, a wake or a wait."""
+        flow.status, flow.finished_at = status, self._now()
+        flow.updated_at = flow.finished_at
         flow.lease_owner = flow.lease_until = flow.wake_at = flow.wake_kind = None
         flow.waiting_on = flow.deadline = None
 
-    def _suspend(self, flow: _Flow, wake_at: datetime | None, kind: str | None) -> None:
-        flow.status = "suspended"
+    def _suspend(self, flow: MemoryFlow, wake_at: datetime | None, kind: str | None) -> None:
+        flow.status = FlowStatus.SUSPENDED
         flow.lease_owner = flow.lease_until = None
         flow.wake_at, flow.wake_kind = wake_at, kind
 
@@ -265,12 +224,12 @@ class MemoryStore:
             if self._cancel_requested(flow):
                 return "cancelled"
             if retry_in is None:
-                flow.status, flow.error, flow.finished_at = "failed", error, now
-                self._clear(flow)
+                self._end(flow, FlowStatus.FAILED)
+                flow.error = error
                 return "failed"
             flow.retry_attempt = attempt
             flow.waiting_on = flow.deadline = None
-            self._suspend(flow, now + timedelta(seconds=retry_in), "retry")
+            self._suspend(flow, now + timedelta(seconds=retry_in), WakeKind.RETRY)
             return "suspended"
 
     def suspend_until(self, lease: Lease, wake_at: datetime, kind: str) -> SuspendOutcome:
@@ -290,30 +249,29 @@ class MemoryStore:
             if self._cancel_requested(flow):
                 return "cancelled"
             now = self._now()
-            deadline = _deadline(point, flow.waiting_on, flow.deadline, now)
-            if deadline is not None and deadline <= now:
-                flow.status, flow.finished_at = "expired", now
-                self._clear(flow)
+            deadline = life.deadline(point.name, point.timeout, flow.waiting_on, flow.deadline, now)
+            if life.expired(deadline, now):
+                self._end(flow, FlowStatus.EXPIRED)
                 return "expired"
-            check = now + timedelta(seconds=every)
             flow.waiting_on, flow.deadline = point.name, deadline
-            self._suspend(flow, check if deadline is None else min(check, deadline), "poll")
+            wake_at = life.poll_wake(now + timedelta(seconds=every), deadline)
+            self._suspend(flow, wake_at, WakeKind.POLL)
             return "suspended"
 
     def cancel(self, flow_id: str, reason: str) -> str:
         """Cancel at once, or at the running executor's next step."""
         with self._lock:
             flow = self._get(flow_id)
-            if flow.status in TERMINAL:
+            if life.is_terminal(flow.status):
                 raise FlowAlreadyFinished(
                     f"flow {flow_id!r} is already {flow.status}; nothing to cancel",
                     flow_id=flow_id,
                     status=flow.status,
                 )
             flow.cancel_reason = reason
-            now = self._now()
-            lease_until = flow.lease_until
-            if flow.status == "running" and flow.lease_owner and lease_until and lease_until >= now:
+            if life.cancels_at_next_step(
+                flow.status, flow.lease_owner, flow.lease_until, self._now()
+            ):
                 return "cancelling"
             self._cancelled(flow)
             return "cancelled"
@@ -330,28 +288,24 @@ class MemoryStore:
         """Expire overdue suspends; mark due and stalled flows and return them to publish."""
         with self._lock:
             now = self._now()
-            stale = now - timedelta(seconds=redrive_after)
             result = SweepResult()
+            # As the SQL sweep: at most ``limit`` due flows and ``limit`` stalled ones.
+            taken = {"due": 0, "stalled": 0}
             for flow in list(self._flows.values()):
-                if len(result.expired) + len(result.due) >= limit:
-                    break
-                if flow.status in TERMINAL:
+                action = life.sweep_action(
+                    flow.status, flow.wake_kind, flow.wake_at, flow.lease_until, now, redrive_after
+                )
+                if action is None:
                     continue
-                due = flow.wake_at is not None and (
-                    flow.wake_at <= (stale if flow.wake_kind == "run" else now)
-                )
-                stalled = (
-                    flow.status == "running"
-                    and flow.lease_until is not None
-                    and flow.lease_until < now
-                    and flow.wake_at is None
-                )
-                if flow.status == "suspended" and flow.wake_kind == "expire" and due:
-                    flow.status, flow.finished_at = "expired", now
-                    self._clear(flow)
+                which = "stalled" if flow.wake_at is None else "due"
+                if taken[which] >= limit:
+                    continue
+                taken[which] += 1
+                if action == "expire":
+                    self._end(flow, FlowStatus.EXPIRED)
                     result.expired.append(flow.id)
-                elif due or stalled:
-                    flow.wake_kind, flow.wake_at = "run", now
+                else:
+                    flow.wake_kind, flow.wake_at = WakeKind.RUN, now
                     result.due.append((flow.name, flow.id))
             return result
 
@@ -370,28 +324,25 @@ class MemoryStore:
                     result = validate(sig.payload)
                 except ValueError as exc:
                     flow.signals[i] = dataclasses.replace(
-                        sig, status="rejected", error=str(exc), consumed_at=self._now()
+                        sig, status="rejected", error=safe_text(str(exc)), consumed_at=self._now()
                     )
                     continue
                 flow.signals[i] = dataclasses.replace(
                     sig, status="consumed", consumed_seq=point.seq, consumed_at=self._now()
                 )
-                cp = Checkpoint(point.seq, "suspend", point.name, point.occurrence, result)
+                cp = Checkpoint(
+                    point.seq, CheckpointKind.SUSPEND, point.name, point.occurrence, result
+                )
                 self._insert_step(flow, cp, None, 1)
                 flow.waiting_on = flow.deadline = None
                 return cp
             now = self._now()
-            deadline = _deadline(point, flow.waiting_on, flow.deadline, now)
-            if deadline is not None and deadline <= now:
-                flow.status, flow.finished_at = "expired", now
-                flow.lease_owner = flow.lease_until = flow.wake_at = flow.wake_kind = None
-                flow.waiting_on = flow.deadline = None
+            deadline = life.deadline(point.name, point.timeout, flow.waiting_on, flow.deadline, now)
+            if life.expired(deadline, now):
+                self._end(flow, FlowStatus.EXPIRED)
                 return "expired"
-            flow.status = "suspended"
             flow.waiting_on, flow.deadline = point.name, deadline
-            flow.wake_at = deadline
-            flow.wake_kind = "expire" if deadline is not None else None
-            flow.lease_owner = flow.lease_until = None
+            self._suspend(flow, *life.signal_wait(deadline))
             return "suspended"
 
     def finish(
@@ -400,11 +351,8 @@ class MemoryStore:
         """End the flow with a terminal status if ``lease`` still holds."""
         with self._lock:
             flow = self._fenced(lease)
-            now = self._now()
-            flow.status, flow.result, flow.error = status, result, error
-            flow.finished_at = flow.updated_at = now
-            flow.lease_owner = flow.lease_until = flow.wake_at = flow.wake_kind = None
-            flow.waiting_on = flow.deadline = None
+            self._end(flow, status)
+            flow.result, flow.error = result, error
 
     def record_signal(self, flow_id: str, name: str, payload: str, key: str | None) -> SignalResult:
         """Durably record a signal; raise ``FlowNotFound`` or ``FlowNotWaiting``."""
@@ -414,7 +362,7 @@ class MemoryStore:
                 for sig in flow.signals:
                     if sig.key == key:
                         return SignalResult(sig.id, flow.name, duplicate=True, wake=False)
-            if flow.status in TERMINAL:
+            if not life.accepts_signal(flow.status):
                 raise FlowNotWaiting(
                     f"flow {flow_id!r} is {flow.status}; signal {name!r} refused",
                     flow_id=flow_id,
@@ -426,38 +374,27 @@ class MemoryStore:
             flow.signals.append(
                 SignalRow(self._signal_ids, name, payload, key, "pending", None, None, now, None)
             )
-            wake = flow.status == "suspended" and flow.waiting_on == name
+            wake = life.signal_wakes(flow.status, flow.waiting_on, name)
             if wake:
-                flow.wake_at, flow.wake_kind = now, "run"
+                flow.wake_at, flow.wake_kind, flow.updated_at = now, WakeKind.RUN, now
             return SignalResult(self._signal_ids, flow.name, duplicate=False, wake=wake)
 
     def request_resume(self, flow_id: str) -> str:
         """Mark a suspended flow as due now; return its flow name."""
         with self._lock:
             flow = self._get(flow_id)
-            if flow.status in TERMINAL:
+            if life.is_terminal(flow.status):
                 raise FlowNotWaiting(
                     f"flow {flow_id!r} is {flow.status}", flow_id=flow_id, status=flow.status
                 )
-            if flow.status == "suspended":
-                flow.wake_at, flow.wake_kind = self._now(), "run"
+            if life.resume_wakes(flow.status):
+                flow.wake_at, flow.wake_kind = self._now(), WakeKind.RUN
             return flow.name
 
     def get_flow(self, flow_id: str, *, details: bool = True) -> FlowRow:
         """The flow's row, with steps and signals when ``details``."""
         with self._lock:
-            return self._row(self._get(flow_id), details=details)
-
-    def _row(self, f: _Flow, *, details: bool) -> FlowRow:
-        fields: dict[str, Any] = {
-            k.name: getattr(f, k.name)
-            for k in dataclasses.fields(FlowRow)
-            if k.name not in ("steps", "signals", "step_errors")
-        }
-        if details:
-            fields["steps"], fields["signals"] = list(f.steps), list(f.signals)
-            fields["step_errors"] = list(f.step_errors)
-        return FlowRow(**fields)
+            return flow_row(self._get(flow_id), details=details)
 
     def take_task_or_send(
         self, lease: Lease, point: TaskPoint, ttl: float
@@ -475,15 +412,18 @@ class MemoryStore:
                     f"the replay asked for {point.name!r}",
                     flow_id=flow.id,
                     seq=point.seq,
+                    expected=f"task {row.name!r}",
+                    actual=f"task {point.name!r}",
                 )
-            if row is None or (row.status == "failed" and row.attempt < point.attempt):
-                row = _Task(
+            if row is None or life.sends_new_attempt(row.status, row.attempt, point.attempt):
+                row = MemoryTask(
                     flow.id,
                     point.name,
                     task_id_for(flow.id, point.seq, point.attempt),
                     point.attempt,
                     point.call,
-                    created_at=now,
+                    # As the SQL row: a new attempt keeps the first attempt's creation.
+                    created_at=now if row is None else row.created_at,
                     sent_at=now,
                 )
                 self._tasks[(flow.id, point.seq)] = row
@@ -491,7 +431,9 @@ class MemoryStore:
                 return TaskSend(row.task_id, row.call)
             if row.status == "succeeded":
                 assert row.result is not None
-                cp = Checkpoint(point.seq, "task", point.name, point.occurrence, row.result)
+                cp = Checkpoint(
+                    point.seq, CheckpointKind.TASK, point.name, point.occurrence, row.result
+                )
                 self._insert_step(flow, cp, row.created_at, row.attempt)
                 flow.retry_attempt = 0
                 flow.waiting_on = None
@@ -499,7 +441,7 @@ class MemoryStore:
             if row.status == "failed":
                 assert row.error is not None
                 return TaskError(row.error)
-            if row.sent_at + timedelta(seconds=point.resend_after) <= now:
+            if life.task_send_stale(row.sent_at, point.resend_after, now):
                 row.sends += 1
                 row.sent_at = now
                 self._wait_for_child(flow, point, now)
@@ -507,8 +449,8 @@ class MemoryStore:
             self._wait_for_child(flow, point, row.sent_at)
             return "suspended"
 
-    def _wait_for_child(self, flow: _Flow, point: TaskPoint, sent_at: datetime) -> None:
-        self._suspend(flow, sent_at + timedelta(seconds=point.resend_after), "task")
+    def _wait_for_child(self, flow: MemoryFlow, point: TaskPoint, sent_at: datetime) -> None:
+        self._suspend(flow, sent_at + timedelta(seconds=point.resend_after), WakeKind.TASK)
         flow.waiting_on, flow.deadline = f"task:{point.name}", None
 
     def complete_task(
@@ -522,37 +464,18 @@ class MemoryStore:
             row.status = "failed" if error is not None else "succeeded"
             row.result, row.error = result, error
             flow = self._flows.get(row.flow_id)
-            if flow is not None and flow.status == "suspended" and flow.wake_kind == "task":
-                flow.wake_at, flow.wake_kind = self._now(), "run"
+            if flow is not None and life.child_outcome_wakes(flow.status, flow.wake_kind):
+                flow.wake_at, flow.wake_kind = self._now(), WakeKind.RUN
                 return flow.name, flow.id
             return None
 
     def list_flows(self, where: FlowFilter) -> list[FlowRow]:
         """Flows matching ``where``, newest first, without steps or signals."""
-        with self._lock:
-            found = [
-                f
-                for f in self._flows.values()
-                if (where.status is None or f.status == where.status)
-                and (where.name is None or f.name == where.name)
-                and (where.waiting_on is None or f.waiting_on == where.waiting_on)
-            ]
-            found.sort(key=lambda f: (-f.created_at.timestamp(), f.id))
-            return [self._row(f, details=False) for f in found[: where.limit]]
+        return self._admin.list_flows(where)
 
     def purge_finished(self, before: datetime) -> int:
         """Delete finished flows that ended before ``before``."""
-        with self._lock:
-            gone = [
-                f.id
-                for f in self._flows.values()
-                if f.status in TERMINAL and f.finished_at is not None and f.finished_at < before
-            ]
-            for flow_id in gone:
-                del self._flows[flow_id]
-            for key in [k for k in self._tasks if k[0] in set(gone)]:
-                del self._tasks[key]
-            return len(gone)
+        return self._admin.purge_finished(before)
 
     def record_rejected(
         self,
@@ -565,17 +488,11 @@ class MemoryStore:
         key: str | None = None,
     ) -> int:
         """Keep a refused ingress message with its reason; returns its id."""
-        with self._lock:
-            row = RejectedRow(
-                len(self._rejected) + 1, reason, detail, flow_id, name, key, raw, self._now()
-            )
-            self._rejected.append(row)
-            return row.id
+        return self._admin.record_rejected(reason, detail, raw, flow_id=flow_id, name=name, key=key)
 
     def list_rejected(self, limit: int = 100) -> list[RejectedRow]:
         """The most recently refused ingress messages, newest first."""
-        with self._lock:
-            return list(reversed(self._rejected))[:limit]
+        return self._admin.list_rejected(limit)
 
     def close(self) -> None:
         """Nothing to release."""
