@@ -84,6 +84,11 @@ def is_terminal(status: str) -> bool:
     return status in TERMINAL
 
 
+def holds_lease(status: str, epoch: int, lease_epoch: int) -> bool:
+    """The fence: a lease may write while its epoch is current and the flow running."""
+    return status == FlowStatus.RUNNING and epoch == lease_epoch
+
+
 def lease_free(owner: str | None, lease_until: datetime | None, now: datetime) -> bool:
     """Nobody holds the lease, or its holder let it run out."""
     return owner is None or (lease_until is not None and lease_until < now)

@@ -28,6 +28,7 @@ from ._memory_state import MemoryFlow, MemoryState, MemoryTask, flow_row
 from ._types import (
     Checkpoint,
     Claimed,
+    CruxStore,
     FlowFilter,
     FlowRow,
     Lease,
@@ -67,7 +68,7 @@ class MemoryStore:
 
     def _fenced(self, lease: Lease) -> MemoryFlow:
         flow = self._flows.get(lease.flow_id)
-        if flow is None or flow.epoch != lease.epoch or flow.status != FlowStatus.RUNNING:
+        if flow is None or not life.holds_lease(flow.status, flow.epoch, lease.epoch):
             raise LeaseLost(f"flow {lease.flow_id}: epoch {lease.epoch} no longer holds the lease")
         return flow
 
@@ -496,3 +497,8 @@ class MemoryStore:
 
     def close(self) -> None:
         """Nothing to release."""
+
+
+def _conforms(store: MemoryStore) -> CruxStore:
+    # mypy checks here that MemoryStore is a whole ``CruxStore``.
+    return store

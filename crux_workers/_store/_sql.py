@@ -32,6 +32,7 @@ from ._sql_tasks import SqlTasks
 from ._types import (
     Checkpoint,
     Claimed,
+    CruxStore,
     FlowFilter,
     FlowRow,
     Lease,
@@ -210,3 +211,8 @@ class SqlStore:
     def list_rejected(self, limit: int = 100) -> list[RejectedRow]:
         """The most recently refused ingress messages, newest first."""
         return self._admin.list_rejected(limit)
+
+
+def _conforms(store: SqlStore) -> CruxStore:
+    # mypy checks here that SqlStore is a whole ``CruxStore``.
+    return store

@@ -130,7 +130,7 @@ class SqlDb:
 
     @staticmethod
     def fence(lease: Lease) -> tuple[Any, ...]:
-        """The rows ``lease`` may still write: same flow, same epoch, running."""
+        """``_lifecycle.holds_lease``: the rows ``lease`` may still write."""
         return (
             flows.c.id == lease.flow_id,
             flows.c.epoch == lease.epoch,
