@@ -68,6 +68,28 @@ class CheckpointKind(enum.StrEnum):
     """A child task's result."""
 
 
+class SignalStatus(enum.StrEnum):
+    """What became of a recorded signal."""
+
+    PENDING = "pending"
+    """Recorded, waiting for a suspend point of its name."""
+    CONSUMED = "consumed"
+    """Its payload passed validation and became a checkpoint (``consumed_seq``)."""
+    REJECTED = "rejected"
+    """Its payload failed validation; ``error`` says why, and the flow kept waiting."""
+
+
+class TaskStatus(enum.StrEnum):
+    """Where a ``run_task`` child is, as its row in the record says."""
+
+    PENDING = "pending"
+    """Sent (maybe more than once); no outcome recorded yet."""
+    SUCCEEDED = "succeeded"
+    """Its result is recorded; the flow turns it into a checkpoint."""
+    FAILED = "failed"
+    """Its error is recorded; the flow's retry policy decides on a new attempt."""
+
+
 TERMINAL: frozenset[FlowStatus] = frozenset(
     {FlowStatus.COMPLETED, FlowStatus.FAILED, FlowStatus.CANCELLED, FlowStatus.EXPIRED}
 )
@@ -239,7 +261,12 @@ def sends_new_attempt(row_status: str, row_attempt: int, attempt: int) -> bool:
 
     (With no child recorded at the checkpoint yet, the first one is sent, too.)
     """
-    return row_status == "failed" and row_attempt < attempt
+    return row_status == TaskStatus.FAILED and row_attempt < attempt
+
+
+def task_outcome(error: str | None) -> TaskStatus:
+    """A child's recorded status: failed when it reported an error."""
+    return TaskStatus.FAILED if error is not None else TaskStatus.SUCCEEDED
 
 
 def task_send_stale(sent_at: datetime, resend_after: float, now: datetime) -> bool:

@@ -1,7 +1,10 @@
 """``CruxStore`` in memory: the reference for unit tests of the engine.
 
 It keeps the same contract as the SQL store (the contract suite runs against
-both); one lock stands in for the row locks and transactions.
+both) and calls the same rules (``_lifecycle``); one lock stands in for the row
+locks and transactions. Composed like the SQL store: the rows and the fenced
+helpers in ``_memory_state``, child tasks in ``_memory_tasks``, the operator's
+side in ``_memory_admin``.
 """
 
 from __future__ import annotations
@@ -14,17 +17,20 @@ from typing import Literal
 from .._json import safe_text
 from ..errors import (
     FlowAlreadyFinished,
-    FlowNotFound,
     FlowNotWaiting,
     LeaseLost,
-    NonDeterminismError,
-    StoreError,
 )
 from . import _lifecycle as life
 from ._clock import utcnow
-from ._lifecycle import CheckpointKind, FlowStatus, WakeKind, task_id_for
+from ._lifecycle import (
+    CheckpointKind,
+    FlowStatus,
+    SignalStatus,
+    WakeKind,
+)
 from ._memory_admin import MemoryAdmin
-from ._memory_state import MemoryFlow, MemoryState, MemoryTask, flow_row
+from ._memory_state import MemoryFlow, MemoryState, flow_row
+from ._memory_tasks import MemoryTasks
 from ._types import (
     Checkpoint,
     Claimed,
@@ -37,7 +43,6 @@ from ._types import (
     SignalResult,
     SignalRow,
     StepErrorRow,
-    StepRow,
     SuspendOutcome,
     Suspension,
     SweepResult,
@@ -52,25 +57,17 @@ class MemoryStore:
     """``CruxStore`` in a dict under one lock."""
 
     def __init__(self, clock: Callable[[], datetime] = utcnow) -> None:
-        state = MemoryState(clock)
-        self._flows, self._tasks = state.flows, state.tasks
-        self._lock, self._now = state.lock, clock
+        self._s = state = MemoryState(clock)
+        self._flows, self._lock, self._now = state.flows, state.lock, clock
+        self._tasks = MemoryTasks(state)
         self._admin = MemoryAdmin(state)
         self._signal_ids = 0
         self._ticks: set[int] = set()
-        self.commits = 0
 
-    def _get(self, flow_id: str) -> MemoryFlow:
-        flow = self._flows.get(flow_id)
-        if flow is None:
-            raise FlowNotFound(f"no flow {flow_id!r}", flow_id=flow_id)
-        return flow
-
-    def _fenced(self, lease: Lease) -> MemoryFlow:
-        flow = self._flows.get(lease.flow_id)
-        if flow is None or not life.holds_lease(flow.status, flow.epoch, lease.epoch):
-            raise LeaseLost(f"flow {lease.flow_id}: epoch {lease.epoch} no longer holds the lease")
-        return flow
+    @property
+    def commits(self) -> int:
+        """Checkpoints committed so far (for tests that count round trips)."""
+        return self._s.commits
 
     def create_flow(self, flow_id: str, name: str, input_json: str) -> tuple[FlowRow, bool]:
         """Insert a pending flow, or return the existing row."""
@@ -118,7 +115,7 @@ class MemoryStore:
         """Extend the lease; False when it was lost."""
         with self._lock:
             try:
-                flow = self._fenced(lease)
+                flow = self._s.fenced(lease)
             except LeaseLost:
                 return False
             flow.lease_until = self._now() + timedelta(seconds=ttl)
@@ -128,7 +125,7 @@ class MemoryStore:
         """Give the lease up without changing the flow."""
         with self._lock:
             try:
-                flow = self._fenced(lease)
+                flow = self._s.fenced(lease)
             except LeaseLost:
                 return
             flow.lease_owner = flow.lease_until = None
@@ -141,71 +138,19 @@ class MemoryStore:
             rows = list(flow.steps) if flow else []
         return [Checkpoint(r.seq, r.kind, r.name, r.occurrence, r.result) for r in rows]
 
-    def _touch(self, lease: Lease, ttl: float) -> MemoryFlow:
-        flow = self._fenced(lease)
-        now = self._now()
-        flow.lease_until = now + timedelta(seconds=ttl)
-        flow.updated_at = now
-        return flow
-
-    def _insert_step(
-        self, flow: MemoryFlow, cp: Checkpoint, started_at: datetime | None, attempts: int
-    ) -> None:
-        if any(
-            s.seq == cp.seq or (s.name, s.occurrence) == (cp.name, cp.occurrence)
-            for s in flow.steps
-        ):
-            raise StoreError(f"checkpoint {cp.seq} of flow {flow.id} exists already")
-        flow.steps.append(
-            StepRow(
-                cp.seq,
-                cp.kind,
-                cp.name,
-                cp.occurrence,
-                cp.result,
-                attempts,
-                started_at,
-                self._now(),
-            )
-        )
-        flow.next_seq = cp.seq + 1
-        self.commits += 1
-
     def commit_checkpoint(
         self, lease: Lease, cp: Checkpoint, *, started_at: datetime, attempts: int, ttl: float
     ) -> bool:
         """Commit a checkpoint if ``lease`` still holds; True if the flow is now cancelled."""
         with self._lock:
-            flow = self._touch(lease, ttl)
-            self._insert_step(flow, cp, started_at, attempts)
+            flow = self._s.touch(lease, ttl)
+            self._s.insert_step(flow, cp, started_at, attempts)
             flow.retry_attempt = 0
-            return self._cancel_requested(flow)
+            return self._s.cancel_requested(flow)
 
     def now(self) -> datetime:
         """The store's clock."""
         return self._now()
-
-    def _cancel_requested(self, flow: MemoryFlow) -> bool:
-        """After the fenced touch: end the flow cancelled if that was asked."""
-        if flow.cancel_reason is None:
-            return False
-        self._cancelled(flow)
-        return True
-
-    def _cancelled(self, flow: MemoryFlow) -> None:
-        self._end(flow, FlowStatus.CANCELLED)
-
-    def _end(self, flow: MemoryFlow, status: str) -> None:
-        """Give the flow a terminal status: it no longer has a lease, a wake or a wait."""
-        flow.status, flow.finished_at = status, self._now()
-        flow.updated_at = flow.finished_at
-        flow.lease_owner = flow.lease_until = flow.wake_at = flow.wake_kind = None
-        flow.waiting_on = flow.deadline = None
-
-    def _suspend(self, flow: MemoryFlow, wake_at: datetime | None, kind: str | None) -> None:
-        flow.status = FlowStatus.SUSPENDED
-        flow.lease_owner = flow.lease_until = None
-        flow.wake_at, flow.wake_kind = wake_at, kind
 
     def fail_step(
         self,
@@ -218,51 +163,51 @@ class MemoryStore:
     ) -> SuspendOutcome | Literal["failed"]:
         """Record a failed attempt; back off until ``retry_in`` seconds, or fail the flow."""
         with self._lock:
-            flow = self._touch(lease, 1.0)
+            flow = self._s.touch(lease, 1.0)
             now = self._now()
             if not any((e.seq, e.attempt) == (seq, attempt) for e in flow.step_errors):
                 flow.step_errors.append(StepErrorRow(seq, attempt, name, error, now))
-            if self._cancel_requested(flow):
+            if self._s.cancel_requested(flow):
                 return "cancelled"
             if retry_in is None:
-                self._end(flow, FlowStatus.FAILED)
+                self._s.end(flow, FlowStatus.FAILED)
                 flow.error = error
                 return "failed"
             flow.retry_attempt = attempt
             flow.waiting_on = flow.deadline = None
-            self._suspend(flow, now + timedelta(seconds=retry_in), WakeKind.RETRY)
+            self._s.suspend(flow, now + timedelta(seconds=retry_in), WakeKind.RETRY)
             return "suspended"
 
     def suspend_until(self, lease: Lease, wake_at: datetime, kind: str) -> SuspendOutcome:
         """Suspend until ``wake_at``."""
         with self._lock:
-            flow = self._touch(lease, 1.0)
-            if self._cancel_requested(flow):
+            flow = self._s.touch(lease, 1.0)
+            if self._s.cancel_requested(flow):
                 return "cancelled"
             flow.waiting_on = flow.deadline = None
-            self._suspend(flow, wake_at, kind)
+            self._s.suspend(flow, wake_at, kind)
             return "suspended"
 
     def poll_later(self, lease: Lease, point: Suspension, every: float) -> SuspendOutcome:
         """Look again in ``every`` seconds, or expire past the deadline."""
         with self._lock:
-            flow = self._touch(lease, 1.0)
-            if self._cancel_requested(flow):
+            flow = self._s.touch(lease, 1.0)
+            if self._s.cancel_requested(flow):
                 return "cancelled"
             now = self._now()
             deadline = life.deadline(point.name, point.timeout, flow.waiting_on, flow.deadline, now)
             if life.expired(deadline, now):
-                self._end(flow, FlowStatus.EXPIRED)
+                self._s.end(flow, FlowStatus.EXPIRED)
                 return "expired"
             flow.waiting_on, flow.deadline = point.name, deadline
             wake_at = life.poll_wake(now + timedelta(seconds=every), deadline)
-            self._suspend(flow, wake_at, WakeKind.POLL)
+            self._s.suspend(flow, wake_at, WakeKind.POLL)
             return "suspended"
 
     def cancel(self, flow_id: str, reason: str) -> str:
         """Cancel at once, or at the running executor's next step."""
         with self._lock:
-            flow = self._get(flow_id)
+            flow = self._s.get(flow_id)
             if life.is_terminal(flow.status):
                 raise FlowAlreadyFinished(
                     f"flow {flow_id!r} is already {flow.status}; nothing to cancel",
@@ -274,7 +219,7 @@ class MemoryStore:
                 flow.status, flow.lease_owner, flow.lease_until, self._now()
             ):
                 return "cancelling"
-            self._cancelled(flow)
+            self._s.end(flow, FlowStatus.CANCELLED)
             return "cancelled"
 
     def claim_tick(self, tick: int) -> bool:
@@ -303,7 +248,7 @@ class MemoryStore:
                     continue
                 taken[which] += 1
                 if action == "expire":
-                    self._end(flow, FlowStatus.EXPIRED)
+                    self._s.end(flow, FlowStatus.EXPIRED)
                     result.expired.append(flow.id)
                 else:
                     flow.wake_kind, flow.wake_at = WakeKind.RUN, now
@@ -315,35 +260,41 @@ class MemoryStore:
     ) -> Checkpoint | SuspendOutcome:
         """Consume the oldest valid pending signal of that name as a checkpoint, or suspend."""
         with self._lock:
-            flow = self._touch(lease, ttl)
-            if self._cancel_requested(flow):
+            flow = self._s.touch(lease, ttl)
+            if self._s.cancel_requested(flow):
                 return "cancelled"
             for i, sig in enumerate(flow.signals):
-                if sig.name != point.name or sig.status != "pending":
+                if sig.name != point.name or sig.status != SignalStatus.PENDING:
                     continue
                 try:
                     result = validate(sig.payload)
                 except ValueError as exc:
                     flow.signals[i] = dataclasses.replace(
-                        sig, status="rejected", error=safe_text(str(exc)), consumed_at=self._now()
+                        sig,
+                        status=SignalStatus.REJECTED.value,
+                        error=safe_text(str(exc)),
+                        consumed_at=self._now(),
                     )
                     continue
                 flow.signals[i] = dataclasses.replace(
-                    sig, status="consumed", consumed_seq=point.seq, consumed_at=self._now()
+                    sig,
+                    status=SignalStatus.CONSUMED.value,
+                    consumed_seq=point.seq,
+                    consumed_at=self._now(),
                 )
                 cp = Checkpoint(
                     point.seq, CheckpointKind.SUSPEND, point.name, point.occurrence, result
                 )
-                self._insert_step(flow, cp, None, 1)
+                self._s.insert_step(flow, cp, None, 1)
                 flow.waiting_on = flow.deadline = None
                 return cp
             now = self._now()
             deadline = life.deadline(point.name, point.timeout, flow.waiting_on, flow.deadline, now)
             if life.expired(deadline, now):
-                self._end(flow, FlowStatus.EXPIRED)
+                self._s.end(flow, FlowStatus.EXPIRED)
                 return "expired"
             flow.waiting_on, flow.deadline = point.name, deadline
-            self._suspend(flow, *life.signal_wait(deadline))
+            self._s.suspend(flow, *life.signal_wait(deadline))
             return "suspended"
 
     def finish(
@@ -351,14 +302,14 @@ class MemoryStore:
     ) -> None:
         """End the flow with a terminal status if ``lease`` still holds."""
         with self._lock:
-            flow = self._fenced(lease)
-            self._end(flow, status)
+            flow = self._s.fenced(lease)
+            self._s.end(flow, status)
             flow.result, flow.error = result, error
 
     def record_signal(self, flow_id: str, name: str, payload: str, key: str | None) -> SignalResult:
         """Durably record a signal; raise ``FlowNotFound`` or ``FlowNotWaiting``."""
         with self._lock:
-            flow = self._get(flow_id)
+            flow = self._s.get(flow_id)
             if key is not None:
                 for sig in flow.signals:
                     if sig.key == key:
@@ -373,7 +324,17 @@ class MemoryStore:
             self._signal_ids += 1
             now = self._now()
             flow.signals.append(
-                SignalRow(self._signal_ids, name, payload, key, "pending", None, None, now, None)
+                SignalRow(
+                    self._signal_ids,
+                    name,
+                    payload,
+                    key,
+                    SignalStatus.PENDING.value,
+                    None,
+                    None,
+                    now,
+                    None,
+                )
             )
             wake = life.signal_wakes(flow.status, flow.waiting_on, name)
             if wake:
@@ -383,7 +344,7 @@ class MemoryStore:
     def request_resume(self, flow_id: str) -> str:
         """Mark a suspended flow as due now; return its flow name."""
         with self._lock:
-            flow = self._get(flow_id)
+            flow = self._s.get(flow_id)
             if life.is_terminal(flow.status):
                 raise FlowNotWaiting(
                     f"flow {flow_id!r} is {flow.status}", flow_id=flow_id, status=flow.status
@@ -395,80 +356,19 @@ class MemoryStore:
     def get_flow(self, flow_id: str, *, details: bool = True) -> FlowRow:
         """The flow's row, with steps and signals when ``details``."""
         with self._lock:
-            return flow_row(self._get(flow_id), details=details)
+            return flow_row(self._s.get(flow_id), details=details)
 
     def take_task_or_send(
         self, lease: Lease, point: TaskPoint, ttl: float
     ) -> Checkpoint | TaskSend | TaskError | SuspendOutcome:
         """The child task's outcome as a checkpoint, or what to do about it."""
-        with self._lock:
-            flow = self._touch(lease, ttl)
-            if self._cancel_requested(flow):
-                return "cancelled"
-            now = self._now()
-            row = self._tasks.get((flow.id, point.seq))
-            if row is not None and row.name != point.name:
-                raise NonDeterminismError(
-                    f"flow {flow.id}: checkpoint {point.seq} started child task {row.name!r}, "
-                    f"the replay asked for {point.name!r}",
-                    flow_id=flow.id,
-                    seq=point.seq,
-                    expected=f"task {row.name!r}",
-                    actual=f"task {point.name!r}",
-                )
-            if row is None or life.sends_new_attempt(row.status, row.attempt, point.attempt):
-                row = MemoryTask(
-                    flow.id,
-                    point.name,
-                    task_id_for(flow.id, point.seq, point.attempt),
-                    point.attempt,
-                    point.call,
-                    # As the SQL row: a new attempt keeps the first attempt's creation.
-                    created_at=now if row is None else row.created_at,
-                    sent_at=now,
-                )
-                self._tasks[(flow.id, point.seq)] = row
-                self._wait_for_child(flow, point, now)
-                return TaskSend(row.task_id, row.call)
-            if row.status == "succeeded":
-                assert row.result is not None
-                cp = Checkpoint(
-                    point.seq, CheckpointKind.TASK, point.name, point.occurrence, row.result
-                )
-                self._insert_step(flow, cp, row.created_at, row.attempt)
-                flow.retry_attempt = 0
-                flow.waiting_on = None
-                return cp
-            if row.status == "failed":
-                assert row.error is not None
-                return TaskError(row.error)
-            if life.task_send_stale(row.sent_at, point.resend_after, now):
-                row.sends += 1
-                row.sent_at = now
-                self._wait_for_child(flow, point, now)
-                return TaskSend(row.task_id, row.call)
-            self._wait_for_child(flow, point, row.sent_at)
-            return "suspended"
-
-    def _wait_for_child(self, flow: MemoryFlow, point: TaskPoint, sent_at: datetime) -> None:
-        self._suspend(flow, sent_at + timedelta(seconds=point.resend_after), WakeKind.TASK)
-        flow.waiting_on, flow.deadline = f"task:{point.name}", None
+        return self._tasks.take_task_or_send(lease, point, ttl)
 
     def complete_task(
         self, task_id: str, *, result: str | None, error: str | None
     ) -> tuple[str, str] | None:
         """Record a child's outcome once; the (flow name, flow id) to wake, if any."""
-        with self._lock:
-            row = next((t for t in self._tasks.values() if t.task_id == task_id), None)
-            if row is None or row.status != "pending":
-                return None
-            row.status = "failed" if error is not None else "succeeded"
-            row.result, row.error = result, error
-            flow = self._flows.get(row.flow_id)
-            if flow is not None and life.child_outcome_wakes(flow.status, flow.wake_kind):
-                flow.wake_at, flow.wake_kind = self._now(), WakeKind.RUN
-                return flow.name, flow.id
-            return None
+        return self._tasks.complete_task(task_id, result=result, error=error)
 
     def list_flows(self, where: FlowFilter) -> list[FlowRow]:
         """Flows matching ``where``, newest first, without steps or signals."""

@@ -5,10 +5,13 @@ from __future__ import annotations
 import dataclasses
 import threading
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
-from ._types import FlowRow, RejectedRow, SignalRow, StepErrorRow, StepRow
+from ..errors import FlowNotFound, LeaseLost, StoreError
+from . import _lifecycle as life
+from ._lifecycle import FlowStatus, TaskStatus
+from ._types import Checkpoint, FlowRow, Lease, RejectedRow, SignalRow, StepErrorRow, StepRow
 
 
 @dataclasses.dataclass
@@ -51,7 +54,7 @@ class MemoryTask:
     call: str
     created_at: datetime
     sent_at: datetime
-    status: str = "pending"
+    status: str = TaskStatus.PENDING
     result: str | None = None
     error: str | None = None
     sends: int = 1
@@ -66,6 +69,73 @@ class MemoryState:
         self.rejected: list[RejectedRow] = []
         self.lock = threading.RLock()
         self.now = clock
+        self.commits = 0
+
+    def get(self, flow_id: str) -> MemoryFlow:
+        """The flow, or ``FlowNotFound``."""
+        flow = self.flows.get(flow_id)
+        if flow is None:
+            raise FlowNotFound(f"no flow {flow_id!r}", flow_id=flow_id)
+        return flow
+
+    def fenced(self, lease: Lease) -> MemoryFlow:
+        """The flow if ``lease`` still holds it, else ``LeaseLost``."""
+        flow = self.flows.get(lease.flow_id)
+        if flow is None or not life.holds_lease(flow.status, flow.epoch, lease.epoch):
+            raise LeaseLost(f"flow {lease.flow_id}: epoch {lease.epoch} no longer holds the lease")
+        return flow
+
+    def touch(self, lease: Lease, ttl: float) -> MemoryFlow:
+        """The fenced write every executor call starts with: extend the lease."""
+        flow = self.fenced(lease)
+        now = self.now()
+        flow.lease_until = now + timedelta(seconds=ttl)
+        flow.updated_at = now
+        return flow
+
+    def insert_step(
+        self, flow: MemoryFlow, cp: Checkpoint, started_at: datetime | None, attempts: int
+    ) -> None:
+        """Append a checkpoint; a second one at the same seq or name is refused."""
+        if any(
+            s.seq == cp.seq or (s.name, s.occurrence) == (cp.name, cp.occurrence)
+            for s in flow.steps
+        ):
+            raise StoreError(f"checkpoint {cp.seq} of flow {flow.id} exists already")
+        flow.steps.append(
+            StepRow(
+                cp.seq,
+                cp.kind,
+                cp.name,
+                cp.occurrence,
+                cp.result,
+                attempts,
+                started_at,
+                self.now(),
+            )
+        )
+        flow.next_seq = cp.seq + 1
+        self.commits += 1
+
+    def cancel_requested(self, flow: MemoryFlow) -> bool:
+        """After the fenced touch: end the flow cancelled if that was asked."""
+        if flow.cancel_reason is None:
+            return False
+        self.end(flow, FlowStatus.CANCELLED)
+        return True
+
+    def end(self, flow: MemoryFlow, status: str) -> None:
+        """Give the flow a terminal status: it no longer has a lease, a wake or a wait."""
+        flow.status, flow.finished_at = status, self.now()
+        flow.updated_at = flow.finished_at
+        flow.lease_owner = flow.lease_until = flow.wake_at = flow.wake_kind = None
+        flow.waiting_on = flow.deadline = None
+
+    def suspend(self, flow: MemoryFlow, wake_at: datetime | None, kind: str | None) -> None:
+        """Suspend the flow until ``wake_at`` (for ``kind``) and free its lease."""
+        flow.status = FlowStatus.SUSPENDED
+        flow.lease_owner = flow.lease_until = None
+        flow.wake_at, flow.wake_kind = wake_at, kind
 
 
 def flow_row(f: MemoryFlow, *, details: bool) -> FlowRow:

@@ -12,7 +12,7 @@ from sqlalchemy import insert, select, update
 from ..errors import FlowAlreadyFinished, FlowNotFound, FlowNotWaiting, StoreError
 from . import _lifecycle as life
 from ._clock import aware
-from ._lifecycle import FlowStatus, WakeKind
+from ._lifecycle import FlowStatus, SignalStatus, WakeKind
 from ._schema import flows, signals, step_errors, steps
 from ._sql_db import SqlDb
 from ._types import FlowRow, SignalResult, SignalRow, StepErrorRow, StepRow
@@ -122,7 +122,7 @@ class SqlClient:
                     name=name,
                     payload=payload,
                     key=key,
-                    status="pending",
+                    status=SignalStatus.PENDING,
                     created_at=now,
                 )
                 .returning(s.id)

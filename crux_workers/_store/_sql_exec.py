@@ -15,7 +15,7 @@ from .._json import safe_text
 from . import _lifecycle as life
 from . import _sql_rules as rules
 from ._clock import aware
-from ._lifecycle import CheckpointKind, FlowStatus, WakeKind
+from ._lifecycle import CheckpointKind, FlowStatus, SignalStatus, WakeKind
 from ._schema import flows, signals, step_errors, steps
 from ._sql_db import NO_LEASE, SqlDb, lease_lost
 from ._types import (
@@ -224,7 +224,11 @@ class SqlExecutor:
             while True:
                 pending = conn.execute(
                     select(s.id, s.payload)
-                    .where(s.flow_id == lease.flow_id, s.name == point.name, s.status == "pending")
+                    .where(
+                        s.flow_id == lease.flow_id,
+                        s.name == point.name,
+                        s.status == SignalStatus.PENDING,
+                    )
                     .order_by(s.id)
                     .limit(_SIGNAL_BATCH)
                 ).all()
@@ -238,7 +242,7 @@ class SqlExecutor:
                             update(signals)
                             .where(s.id == sig.id)
                             .values(
-                                status="rejected",
+                                status=SignalStatus.REJECTED,
                                 error=safe_text(str(exc)),
                                 consumed_at=db.now(),
                             )
@@ -250,7 +254,11 @@ class SqlExecutor:
                     conn.execute(
                         update(signals)
                         .where(s.id == sig.id)
-                        .values(status="consumed", consumed_seq=point.seq, consumed_at=db.now())
+                        .values(
+                            status=SignalStatus.CONSUMED,
+                            consumed_seq=point.seq,
+                            consumed_at=db.now(),
+                        )
                     )
                     conn.execute(
                         update(flows)

@@ -14,7 +14,7 @@ from sqlalchemy import Connection, insert, select, update
 from ..errors import NonDeterminismError
 from . import _lifecycle as life
 from ._clock import aware
-from ._lifecycle import CheckpointKind, FlowStatus, WakeKind, task_id_for
+from ._lifecycle import CheckpointKind, FlowStatus, TaskStatus, WakeKind, task_id_for
 from ._schema import flows, tasks
 from ._sql_db import SqlDb
 from ._types import Checkpoint, Lease, SuspendOutcome, TaskError, TaskPoint, TaskSend
@@ -57,7 +57,7 @@ class SqlTasks:
                     task_id=send.task_id,
                     attempt=point.attempt,
                     call=point.call,
-                    status="pending",
+                    status=TaskStatus.PENDING,
                     result=None,
                     error=None,
                     sends=1,
@@ -78,7 +78,7 @@ class SqlTasks:
                     )
                 _wait_for_child(conn, lease, point, now + _secs(point.resend_after))
                 return send
-            if row.status == "succeeded":
+            if row.status == TaskStatus.SUCCEEDED:
                 cp = Checkpoint(
                     point.seq, CheckpointKind.TASK, point.name, point.occurrence, row.result
                 )
@@ -91,7 +91,7 @@ class SqlTasks:
                     conn, lease, cp, started_at=aware(row.created_at), attempts=row.attempt
                 )
                 return cp
-            if row.status == "failed":
+            if row.status == TaskStatus.FAILED:
                 return TaskError(row.error)
             # Still running. Re-send only once the last send is older than resend_after:
             # a replay or a stray resume must never dispatch the child again.
@@ -121,9 +121,9 @@ class SqlTasks:
             ).first()
             done = conn.execute(
                 update(tasks)
-                .where(t.task_id == task_id, t.status == "pending")
+                .where(t.task_id == task_id, t.status == TaskStatus.PENDING)
                 .values(
-                    status="failed" if error is not None else "succeeded",
+                    status=life.task_outcome(error),
                     result=result,
                     error=error,
                     completed_at=db.now(),
