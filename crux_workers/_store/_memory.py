@@ -212,7 +212,7 @@ class MemoryStore:
                 raise FlowAlreadyFinished(
                     f"flow {flow_id!r} is already {flow.status}; nothing to cancel",
                     flow_id=flow_id,
-                    status=flow.status,
+                    status=str(flow.status),
                 )
             flow.cancel_reason = reason
             if life.cancels_at_next_step(
@@ -283,7 +283,7 @@ class MemoryStore:
                     consumed_at=self._now(),
                 )
                 cp = Checkpoint(
-                    point.seq, CheckpointKind.SUSPEND, point.name, point.occurrence, result
+                    point.seq, CheckpointKind.SUSPEND.value, point.name, point.occurrence, result
                 )
                 self._s.insert_step(flow, cp, None, 1)
                 flow.waiting_on = flow.deadline = None
@@ -318,7 +318,7 @@ class MemoryStore:
                 raise FlowNotWaiting(
                     f"flow {flow_id!r} is {flow.status}; signal {name!r} refused",
                     flow_id=flow_id,
-                    status=flow.status,
+                    status=str(flow.status),
                     signal=name,
                 )
             self._signal_ids += 1
@@ -347,7 +347,7 @@ class MemoryStore:
             flow = self._s.get(flow_id)
             if life.is_terminal(flow.status):
                 raise FlowNotWaiting(
-                    f"flow {flow_id!r} is {flow.status}", flow_id=flow_id, status=flow.status
+                    f"flow {flow_id!r} is {flow.status}", flow_id=flow_id, status=str(flow.status)
                 )
             if life.resume_wakes(flow.status):
                 flow.wake_at, flow.wake_kind = self._now(), WakeKind.RUN

@@ -53,7 +53,7 @@ class MemoryTasks:
             if row.status == TaskStatus.SUCCEEDED:
                 assert row.result is not None
                 cp = Checkpoint(
-                    point.seq, CheckpointKind.TASK, point.name, point.occurrence, row.result
+                    point.seq, CheckpointKind.TASK.value, point.name, point.occurrence, row.result
                 )
                 self._s.insert_step(flow, cp, row.created_at, row.attempt)
                 flow.retry_attempt = 0

@@ -249,7 +249,11 @@ class SqlExecutor:
                         )
                         continue
                     cp = Checkpoint(
-                        point.seq, CheckpointKind.SUSPEND, point.name, point.occurrence, result
+                        point.seq,
+                        CheckpointKind.SUSPEND.value,
+                        point.name,
+                        point.occurrence,
+                        result,
                     )
                     conn.execute(
                         update(signals)

@@ -80,7 +80,7 @@ class SqlTasks:
                 return send
             if row.status == TaskStatus.SUCCEEDED:
                 cp = Checkpoint(
-                    point.seq, CheckpointKind.TASK, point.name, point.occurrence, row.result
+                    point.seq, CheckpointKind.TASK.value, point.name, point.occurrence, row.result
                 )
                 conn.execute(
                     update(flows)

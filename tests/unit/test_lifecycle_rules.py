@@ -12,7 +12,13 @@ import pytest
 
 from crux_workers import _models
 from crux_workers._store import _lifecycle as life
-from crux_workers._store._lifecycle import CheckpointKind, FlowStatus, WakeKind
+from crux_workers._store._lifecycle import (
+    CheckpointKind,
+    FlowStatus,
+    SignalStatus,
+    TaskStatus,
+    WakeKind,
+)
 
 NOW = datetime(2026, 11, 21, 10, 0, tzinfo=UTC)
 STORE = Path(life.__file__).parent
@@ -34,6 +40,9 @@ def test_the_enums_keep_the_strings_the_record_stores() -> None:
     ]
     assert [k.value for k in WakeKind] == ["run", "expire", "retry", "sleep", "poll", "task"]
     assert [k.value for k in CheckpointKind] == ["step", "suspend", "sleep", "wait", "task"]
+    assert [s.value for s in SignalStatus] == ["pending", "consumed", "rejected"]
+    assert [s.value for s in TaskStatus] == ["pending", "succeeded", "failed"]
+    assert set(get_args(_models.SignalStatus)) == {s.value for s in SignalStatus}
     assert FlowStatus.RUNNING == "running" and f"{WakeKind.RUN}" == "run"
     assert set(get_args(_models.Status)) == {s.value for s in FlowStatus}
     assert {"completed", "failed", "cancelled", "expired"} == _models.TERMINAL
@@ -51,7 +60,8 @@ def test_every_enum_member_is_documented() -> None:
                     follows.value, ast.Constant
                 )
                 assert documented, f"{cls.name}.{ast.unparse(node.targets[0])} has no docstring"
-    assert all(issubclass(e, enum.StrEnum) for e in (FlowStatus, WakeKind, CheckpointKind))
+    enums = (FlowStatus, WakeKind, CheckpointKind, SignalStatus, TaskStatus)
+    assert all(issubclass(e, enum.StrEnum) for e in enums)
 
 
 def _imports(path: Path) -> set[str]:
@@ -161,3 +171,4 @@ def test_the_fence_and_child_attempts() -> None:
     assert not life.sends_new_attempt("pending", 1, 2)
     assert life.task_send_stale(at(-30), 30, NOW) and not life.task_send_stale(at(-29), 30, NOW)
     assert life.task_id_for("f", 3, 2) == "crux:f:3:2"
+    assert life.task_outcome(None) == "succeeded" and life.task_outcome("{}") == "failed"
