@@ -298,8 +298,9 @@ class ExecutorStore(Protocol):
 
 
 class ClientStore(Protocol):
-    """What a client may do: create, signal, resume, cancel and read a flow, and report
-    a child task's outcome. Nothing here takes a lease.
+    """What a client may do: create, signal, resume, cancel and read flows.
+
+    Also where a child task's outcome is reported. Nothing here takes a lease.
     """
 
     def create_flow(self, flow_id: str, name: str, input_json: str) -> tuple[FlowRow, bool]:
@@ -371,8 +372,10 @@ class AdminStore(Protocol):
 
 
 class CruxStore(ExecutorStore, ClientStore, SweeperStore, AdminStore, Protocol):
-    """The durable record: every role's methods. Every write an executor makes is fenced
-    by its lease epoch.
+    """The durable record: the union of the four roles above.
+
+    Every write an executor makes is fenced by its lease epoch. Code that plays one
+    role (the engine, a client, the sweeper, the CLI) can ask for that role's protocol.
     """
 
     def close(self) -> None:
