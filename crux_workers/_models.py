@@ -8,9 +8,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ._durations import Duration, parse_duration
+from ._store import _lifecycle
 
+# The values of ``_lifecycle.FlowStatus`` (a unit test keeps the two equal).
 Status = Literal["pending", "running", "suspended", "completed", "failed", "cancelled", "expired"]
-TERMINAL: frozenset[str] = frozenset({"completed", "failed", "cancelled", "expired"})
+TERMINAL: frozenset[str] = frozenset(s.value for s in _lifecycle.TERMINAL)
 SignalStatus = Literal["pending", "consumed", "rejected"]
 
 

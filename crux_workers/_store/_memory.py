@@ -1,32 +1,40 @@
 """``CruxStore`` in memory: the reference for unit tests of the engine.
 
 It keeps the same contract as the SQL store (the contract suite runs against
-both); one lock stands in for the row locks and transactions.
+both) and calls the same rules (``_lifecycle``); one lock stands in for the row
+locks and transactions. Composed like the SQL store: the rows and the fenced
+helpers in ``_memory_state``, child tasks in ``_memory_tasks``, the operator's
+side in ``_memory_admin``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import threading
 from collections.abc import Callable
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import Literal
 
-from .._models import TERMINAL
+from .._json import safe_text
 from ..errors import (
     FlowAlreadyFinished,
-    FlowNotFound,
     FlowNotWaiting,
     LeaseLost,
-    NonDeterminismError,
-    StoreError,
 )
+from . import _lifecycle as life
 from ._clock import utcnow
-from ._sql import _deadline
-from ._sql_tasks import task_id_for
+from ._lifecycle import (
+    CheckpointKind,
+    FlowStatus,
+    SignalStatus,
+    WakeKind,
+)
+from ._memory_admin import MemoryAdmin
+from ._memory_state import MemoryFlow, MemoryState, flow_row
+from ._memory_tasks import MemoryTasks
 from ._types import (
     Checkpoint,
     Claimed,
+    CruxStore,
     FlowFilter,
     FlowRow,
     Lease,
@@ -35,7 +43,6 @@ from ._types import (
     SignalResult,
     SignalRow,
     StepErrorRow,
-    StepRow,
     SuspendOutcome,
     Suspension,
     SweepResult,
@@ -46,83 +53,32 @@ from ._types import (
 )
 
 
-@dataclasses.dataclass
-class _Flow:
-    id: str
-    name: str
-    status: str
-    input: str
-    created_at: datetime
-    updated_at: datetime
-    result: str | None = None
-    error: str | None = None
-    cancel_reason: str | None = None
-    waiting_on: str | None = None
-    deadline: datetime | None = None
-    wake_at: datetime | None = None
-    wake_kind: str | None = None
-    lease_owner: str | None = None
-    lease_until: datetime | None = None
-    epoch: int = 0
-    next_seq: int = 0
-    runs: int = 0
-    retry_attempt: int = 0
-    finished_at: datetime | None = None
-    steps: list[StepRow] = dataclasses.field(default_factory=list)
-    signals: list[SignalRow] = dataclasses.field(default_factory=list)
-    step_errors: list[StepErrorRow] = dataclasses.field(default_factory=list)
-
-
-@dataclasses.dataclass
-class _Task:
-    flow_id: str
-    name: str
-    task_id: str
-    attempt: int
-    call: str
-    created_at: datetime
-    sent_at: datetime
-    status: str = "pending"
-    result: str | None = None
-    error: str | None = None
-    sends: int = 1
-
-
 class MemoryStore:
     """``CruxStore`` in a dict under one lock."""
 
     def __init__(self, clock: Callable[[], datetime] = utcnow) -> None:
-        self._flows: dict[str, _Flow] = {}
-        self._lock = threading.RLock()
-        self._now = clock
+        self._s = state = MemoryState(clock)
+        self._flows, self._lock, self._now = state.flows, state.lock, clock
+        self._tasks = MemoryTasks(state)
+        self._admin = MemoryAdmin(state)
         self._signal_ids = 0
         self._ticks: set[int] = set()
-        self._rejected: list[RejectedRow] = []
-        self._tasks: dict[tuple[str, int], _Task] = {}
-        self.commits = 0
 
-    def _get(self, flow_id: str) -> _Flow:
-        flow = self._flows.get(flow_id)
-        if flow is None:
-            raise FlowNotFound(f"no flow {flow_id!r}", flow_id=flow_id)
-        return flow
-
-    def _fenced(self, lease: Lease) -> _Flow:
-        flow = self._flows.get(lease.flow_id)
-        if flow is None or flow.epoch != lease.epoch or flow.status != "running":
-            raise LeaseLost(f"flow {lease.flow_id}: epoch {lease.epoch} no longer holds the lease")
-        return flow
+    @property
+    def commits(self) -> int:
+        """Checkpoints committed so far (for tests that count round trips)."""
+        return self._s.commits
 
     def create_flow(self, flow_id: str, name: str, input_json: str) -> tuple[FlowRow, bool]:
         """Insert a pending flow, or return the existing row."""
         with self._lock:
             if flow_id in self._flows:
-                return self._row(self._flows[flow_id], details=False), False
+                return flow_row(self._flows[flow_id], details=False), False
             now = self._now()
-            flow = _Flow(flow_id, name, "pending", input_json, now, now, wake_at=now)
-            flow.wake_kind = "run"
+            flow = MemoryFlow(flow_id, name, FlowStatus.PENDING, input_json, now, now, wake_at=now)
+            flow.wake_kind = WakeKind.RUN
             self._flows[flow_id] = flow
-            return self._row(flow, details=False), True
+            return flow_row(flow, details=False), True
 
     def claim(self, flow_id: str, owner: str, ttl: float) -> Claimed | NotClaimed:
         """Take the lease if it is free and the flow has something to do."""
@@ -131,16 +87,16 @@ class MemoryStore:
             flow = self._flows.get(flow_id)
             if flow is None:
                 return NotClaimed("missing")
-            if flow.status in TERMINAL:
+            if life.is_terminal(flow.status):
                 return NotClaimed("finished")
-            if flow.lease_owner is not None and flow.lease_until and flow.lease_until >= now:
-                return NotClaimed("busy", (flow.lease_until - now).total_seconds())
-            due = flow.status in ("pending", "running") or (
-                flow.wake_kind == "run" or (flow.wake_at is not None and flow.wake_at <= now)
-            )
-            if not due:
+            if not life.claimable(
+                flow.status, flow.wake_kind, flow.wake_at, flow.lease_owner, flow.lease_until, now
+            ):
+                if life.lease_busy(flow.lease_owner, flow.lease_until, now):
+                    assert flow.lease_until is not None
+                    return NotClaimed("busy", (flow.lease_until - now).total_seconds())
                 return NotClaimed("idle")
-            flow.status = "running"
+            flow.status = FlowStatus.RUNNING
             flow.lease_owner, flow.lease_until = owner, now + timedelta(seconds=ttl)
             flow.epoch += 1
             flow.runs += 1
@@ -159,7 +115,7 @@ class MemoryStore:
         """Extend the lease; False when it was lost."""
         with self._lock:
             try:
-                flow = self._fenced(lease)
+                flow = self._s.fenced(lease)
             except LeaseLost:
                 return False
             flow.lease_until = self._now() + timedelta(seconds=ttl)
@@ -169,11 +125,11 @@ class MemoryStore:
         """Give the lease up without changing the flow."""
         with self._lock:
             try:
-                flow = self._fenced(lease)
+                flow = self._s.fenced(lease)
             except LeaseLost:
                 return
             flow.lease_owner = flow.lease_until = None
-            flow.wake_at, flow.wake_kind = self._now(), "run"
+            flow.wake_at, flow.wake_kind = self._now(), WakeKind.RUN
 
     def load_checkpoints(self, flow_id: str) -> list[Checkpoint]:
         """All committed checkpoints of the flow, in sequence order."""
@@ -182,70 +138,19 @@ class MemoryStore:
             rows = list(flow.steps) if flow else []
         return [Checkpoint(r.seq, r.kind, r.name, r.occurrence, r.result) for r in rows]
 
-    def _touch(self, lease: Lease, ttl: float) -> _Flow:
-        flow = self._fenced(lease)
-        now = self._now()
-        flow.lease_until = now + timedelta(seconds=ttl)
-        flow.updated_at = now
-        return flow
-
-    def _insert_step(
-        self, flow: _Flow, cp: Checkpoint, started_at: datetime | None, attempts: int
-    ) -> None:
-        if any(
-            s.seq == cp.seq or (s.name, s.occurrence) == (cp.name, cp.occurrence)
-            for s in flow.steps
-        ):
-            raise StoreError(f"checkpoint {cp.seq} of flow {flow.id} exists already")
-        flow.steps.append(
-            StepRow(
-                cp.seq,
-                cp.kind,
-                cp.name,
-                cp.occurrence,
-                cp.result,
-                attempts,
-                started_at,
-                self._now(),
-            )
-        )
-        flow.next_seq = cp.seq + 1
-        self.commits += 1
-
     def commit_checkpoint(
         self, lease: Lease, cp: Checkpoint, *, started_at: datetime, attempts: int, ttl: float
     ) -> bool:
         """Commit a checkpoint if ``lease`` still holds; True if the flow is now cancelled."""
         with self._lock:
-            flow = self._touch(lease, ttl)
-            self._insert_step(flow, cp, started_at, attempts)
+            flow = self._s.touch(lease, ttl)
+            self._s.insert_step(flow, cp, started_at, attempts)
             flow.retry_attempt = 0
-            return self._cancel_requested(flow)
+            return self._s.cancel_requested(flow)
 
     def now(self) -> datetime:
         """The store's clock."""
         return self._now()
-
-    def _cancel_requested(self, flow: _Flow) -> bool:
-        """After the fenced touch: end the flow cancelled if that was asked."""
-        if flow.cancel_reason is None:
-            return False
-        self._cancelled(flow)
-        return True
-
-    def _cancelled(self, flow: _Flow) -> None:
-        flow.status, flow.finished_at = "cancelled", self._now()
-        self._clear(flow)
-
-    @staticmethod
-    def _clear(flow: _Flow) -> None:
-        flow.lease_owner = flow.lease_until = flow.wake_at = flow.wake_kind = None
-        flow.waiting_on = flow.deadline = None
-
-    def _suspend(self, flow: _Flow, wake_at: datetime | None, kind: str | None) -> None:
-        flow.status = "suspended"
-        flow.lease_owner = flow.lease_until = None
-        flow.wake_at, flow.wake_kind = wake_at, kind
 
     def fail_step(
         self,
@@ -258,64 +163,63 @@ class MemoryStore:
     ) -> SuspendOutcome | Literal["failed"]:
         """Record a failed attempt; back off until ``retry_in`` seconds, or fail the flow."""
         with self._lock:
-            flow = self._touch(lease, 1.0)
+            flow = self._s.touch(lease, 1.0)
             now = self._now()
             if not any((e.seq, e.attempt) == (seq, attempt) for e in flow.step_errors):
                 flow.step_errors.append(StepErrorRow(seq, attempt, name, error, now))
-            if self._cancel_requested(flow):
+            if self._s.cancel_requested(flow):
                 return "cancelled"
             if retry_in is None:
-                flow.status, flow.error, flow.finished_at = "failed", error, now
-                self._clear(flow)
+                self._s.end(flow, FlowStatus.FAILED)
+                flow.error = error
                 return "failed"
             flow.retry_attempt = attempt
             flow.waiting_on = flow.deadline = None
-            self._suspend(flow, now + timedelta(seconds=retry_in), "retry")
+            self._s.suspend(flow, now + timedelta(seconds=retry_in), WakeKind.RETRY)
             return "suspended"
 
     def suspend_until(self, lease: Lease, wake_at: datetime, kind: str) -> SuspendOutcome:
         """Suspend until ``wake_at``."""
         with self._lock:
-            flow = self._touch(lease, 1.0)
-            if self._cancel_requested(flow):
+            flow = self._s.touch(lease, 1.0)
+            if self._s.cancel_requested(flow):
                 return "cancelled"
             flow.waiting_on = flow.deadline = None
-            self._suspend(flow, wake_at, kind)
+            self._s.suspend(flow, wake_at, kind)
             return "suspended"
 
     def poll_later(self, lease: Lease, point: Suspension, every: float) -> SuspendOutcome:
         """Look again in ``every`` seconds, or expire past the deadline."""
         with self._lock:
-            flow = self._touch(lease, 1.0)
-            if self._cancel_requested(flow):
+            flow = self._s.touch(lease, 1.0)
+            if self._s.cancel_requested(flow):
                 return "cancelled"
             now = self._now()
-            deadline = _deadline(point, flow.waiting_on, flow.deadline, now)
-            if deadline is not None and deadline <= now:
-                flow.status, flow.finished_at = "expired", now
-                self._clear(flow)
+            deadline = life.deadline(point.name, point.timeout, flow.waiting_on, flow.deadline, now)
+            if life.expired(deadline, now):
+                self._s.end(flow, FlowStatus.EXPIRED)
                 return "expired"
-            check = now + timedelta(seconds=every)
             flow.waiting_on, flow.deadline = point.name, deadline
-            self._suspend(flow, check if deadline is None else min(check, deadline), "poll")
+            wake_at = life.poll_wake(now + timedelta(seconds=every), deadline)
+            self._s.suspend(flow, wake_at, WakeKind.POLL)
             return "suspended"
 
     def cancel(self, flow_id: str, reason: str) -> str:
         """Cancel at once, or at the running executor's next step."""
         with self._lock:
-            flow = self._get(flow_id)
-            if flow.status in TERMINAL:
+            flow = self._s.get(flow_id)
+            if life.is_terminal(flow.status):
                 raise FlowAlreadyFinished(
                     f"flow {flow_id!r} is already {flow.status}; nothing to cancel",
                     flow_id=flow_id,
-                    status=flow.status,
+                    status=str(flow.status),
                 )
             flow.cancel_reason = reason
-            now = self._now()
-            lease_until = flow.lease_until
-            if flow.status == "running" and flow.lease_owner and lease_until and lease_until >= now:
+            if life.cancels_at_next_step(
+                flow.status, flow.lease_owner, flow.lease_until, self._now()
+            ):
                 return "cancelling"
-            self._cancelled(flow)
+            self._s.end(flow, FlowStatus.CANCELLED)
             return "cancelled"
 
     def claim_tick(self, tick: int) -> bool:
@@ -330,28 +234,24 @@ class MemoryStore:
         """Expire overdue suspends; mark due and stalled flows and return them to publish."""
         with self._lock:
             now = self._now()
-            stale = now - timedelta(seconds=redrive_after)
             result = SweepResult()
+            # As the SQL sweep: at most ``limit`` due flows and ``limit`` stalled ones.
+            taken = {"due": 0, "stalled": 0}
             for flow in list(self._flows.values()):
-                if len(result.expired) + len(result.due) >= limit:
-                    break
-                if flow.status in TERMINAL:
+                action = life.sweep_action(
+                    flow.status, flow.wake_kind, flow.wake_at, flow.lease_until, now, redrive_after
+                )
+                if action is None:
                     continue
-                due = flow.wake_at is not None and (
-                    flow.wake_at <= (stale if flow.wake_kind == "run" else now)
-                )
-                stalled = (
-                    flow.status == "running"
-                    and flow.lease_until is not None
-                    and flow.lease_until < now
-                    and flow.wake_at is None
-                )
-                if flow.status == "suspended" and flow.wake_kind == "expire" and due:
-                    flow.status, flow.finished_at = "expired", now
-                    self._clear(flow)
+                which = "stalled" if flow.wake_at is None else "due"
+                if taken[which] >= limit:
+                    continue
+                taken[which] += 1
+                if action == "expire":
+                    self._s.end(flow, FlowStatus.EXPIRED)
                     result.expired.append(flow.id)
-                elif due or stalled:
-                    flow.wake_kind, flow.wake_at = "run", now
+                else:
+                    flow.wake_kind, flow.wake_at = WakeKind.RUN, now
                     result.due.append((flow.name, flow.id))
             return result
 
@@ -360,38 +260,41 @@ class MemoryStore:
     ) -> Checkpoint | SuspendOutcome:
         """Consume the oldest valid pending signal of that name as a checkpoint, or suspend."""
         with self._lock:
-            flow = self._touch(lease, ttl)
-            if self._cancel_requested(flow):
+            flow = self._s.touch(lease, ttl)
+            if self._s.cancel_requested(flow):
                 return "cancelled"
             for i, sig in enumerate(flow.signals):
-                if sig.name != point.name or sig.status != "pending":
+                if sig.name != point.name or sig.status != SignalStatus.PENDING:
                     continue
                 try:
                     result = validate(sig.payload)
                 except ValueError as exc:
                     flow.signals[i] = dataclasses.replace(
-                        sig, status="rejected", error=str(exc), consumed_at=self._now()
+                        sig,
+                        status=SignalStatus.REJECTED.value,
+                        error=safe_text(str(exc)),
+                        consumed_at=self._now(),
                     )
                     continue
                 flow.signals[i] = dataclasses.replace(
-                    sig, status="consumed", consumed_seq=point.seq, consumed_at=self._now()
+                    sig,
+                    status=SignalStatus.CONSUMED.value,
+                    consumed_seq=point.seq,
+                    consumed_at=self._now(),
                 )
-                cp = Checkpoint(point.seq, "suspend", point.name, point.occurrence, result)
-                self._insert_step(flow, cp, None, 1)
+                cp = Checkpoint(
+                    point.seq, CheckpointKind.SUSPEND.value, point.name, point.occurrence, result
+                )
+                self._s.insert_step(flow, cp, None, 1)
                 flow.waiting_on = flow.deadline = None
                 return cp
             now = self._now()
-            deadline = _deadline(point, flow.waiting_on, flow.deadline, now)
-            if deadline is not None and deadline <= now:
-                flow.status, flow.finished_at = "expired", now
-                flow.lease_owner = flow.lease_until = flow.wake_at = flow.wake_kind = None
-                flow.waiting_on = flow.deadline = None
+            deadline = life.deadline(point.name, point.timeout, flow.waiting_on, flow.deadline, now)
+            if life.expired(deadline, now):
+                self._s.end(flow, FlowStatus.EXPIRED)
                 return "expired"
-            flow.status = "suspended"
             flow.waiting_on, flow.deadline = point.name, deadline
-            flow.wake_at = deadline
-            flow.wake_kind = "expire" if deadline is not None else None
-            flow.lease_owner = flow.lease_until = None
+            self._s.suspend(flow, *life.signal_wait(deadline))
             return "suspended"
 
     def finish(
@@ -399,160 +302,81 @@ class MemoryStore:
     ) -> None:
         """End the flow with a terminal status if ``lease`` still holds."""
         with self._lock:
-            flow = self._fenced(lease)
-            now = self._now()
-            flow.status, flow.result, flow.error = status, result, error
-            flow.finished_at = flow.updated_at = now
-            flow.lease_owner = flow.lease_until = flow.wake_at = flow.wake_kind = None
-            flow.waiting_on = flow.deadline = None
+            flow = self._s.fenced(lease)
+            self._s.end(flow, status)
+            flow.result, flow.error = result, error
 
     def record_signal(self, flow_id: str, name: str, payload: str, key: str | None) -> SignalResult:
         """Durably record a signal; raise ``FlowNotFound`` or ``FlowNotWaiting``."""
         with self._lock:
-            flow = self._get(flow_id)
+            flow = self._s.get(flow_id)
             if key is not None:
                 for sig in flow.signals:
                     if sig.key == key:
                         return SignalResult(sig.id, flow.name, duplicate=True, wake=False)
-            if flow.status in TERMINAL:
+            if not life.accepts_signal(flow.status):
                 raise FlowNotWaiting(
                     f"flow {flow_id!r} is {flow.status}; signal {name!r} refused",
                     flow_id=flow_id,
-                    status=flow.status,
+                    status=str(flow.status),
                     signal=name,
                 )
             self._signal_ids += 1
             now = self._now()
             flow.signals.append(
-                SignalRow(self._signal_ids, name, payload, key, "pending", None, None, now, None)
+                SignalRow(
+                    self._signal_ids,
+                    name,
+                    payload,
+                    key,
+                    SignalStatus.PENDING.value,
+                    None,
+                    None,
+                    now,
+                    None,
+                )
             )
-            wake = flow.status == "suspended" and flow.waiting_on == name
+            wake = life.signal_wakes(flow.status, flow.waiting_on, name)
             if wake:
-                flow.wake_at, flow.wake_kind = now, "run"
+                flow.wake_at, flow.wake_kind, flow.updated_at = now, WakeKind.RUN, now
             return SignalResult(self._signal_ids, flow.name, duplicate=False, wake=wake)
 
     def request_resume(self, flow_id: str) -> str:
         """Mark a suspended flow as due now; return its flow name."""
         with self._lock:
-            flow = self._get(flow_id)
-            if flow.status in TERMINAL:
+            flow = self._s.get(flow_id)
+            if life.is_terminal(flow.status):
                 raise FlowNotWaiting(
-                    f"flow {flow_id!r} is {flow.status}", flow_id=flow_id, status=flow.status
+                    f"flow {flow_id!r} is {flow.status}", flow_id=flow_id, status=str(flow.status)
                 )
-            if flow.status == "suspended":
-                flow.wake_at, flow.wake_kind = self._now(), "run"
+            if life.resume_wakes(flow.status):
+                flow.wake_at, flow.wake_kind = self._now(), WakeKind.RUN
             return flow.name
 
     def get_flow(self, flow_id: str, *, details: bool = True) -> FlowRow:
         """The flow's row, with steps and signals when ``details``."""
         with self._lock:
-            return self._row(self._get(flow_id), details=details)
-
-    def _row(self, f: _Flow, *, details: bool) -> FlowRow:
-        fields: dict[str, Any] = {
-            k.name: getattr(f, k.name)
-            for k in dataclasses.fields(FlowRow)
-            if k.name not in ("steps", "signals", "step_errors")
-        }
-        if details:
-            fields["steps"], fields["signals"] = list(f.steps), list(f.signals)
-            fields["step_errors"] = list(f.step_errors)
-        return FlowRow(**fields)
+            return flow_row(self._s.get(flow_id), details=details)
 
     def take_task_or_send(
         self, lease: Lease, point: TaskPoint, ttl: float
     ) -> Checkpoint | TaskSend | TaskError | SuspendOutcome:
         """The child task's outcome as a checkpoint, or what to do about it."""
-        with self._lock:
-            flow = self._touch(lease, ttl)
-            if self._cancel_requested(flow):
-                return "cancelled"
-            now = self._now()
-            row = self._tasks.get((flow.id, point.seq))
-            if row is not None and row.name != point.name:
-                raise NonDeterminismError(
-                    f"flow {flow.id}: checkpoint {point.seq} started child task {row.name!r}, "
-                    f"the replay asked for {point.name!r}",
-                    flow_id=flow.id,
-                    seq=point.seq,
-                )
-            if row is None or (row.status == "failed" and row.attempt < point.attempt):
-                row = _Task(
-                    flow.id,
-                    point.name,
-                    task_id_for(flow.id, point.seq, point.attempt),
-                    point.attempt,
-                    point.call,
-                    created_at=now,
-                    sent_at=now,
-                )
-                self._tasks[(flow.id, point.seq)] = row
-                self._wait_for_child(flow, point, now)
-                return TaskSend(row.task_id, row.call)
-            if row.status == "succeeded":
-                assert row.result is not None
-                cp = Checkpoint(point.seq, "task", point.name, point.occurrence, row.result)
-                self._insert_step(flow, cp, row.created_at, row.attempt)
-                flow.retry_attempt = 0
-                flow.waiting_on = None
-                return cp
-            if row.status == "failed":
-                assert row.error is not None
-                return TaskError(row.error)
-            if row.sent_at + timedelta(seconds=point.resend_after) <= now:
-                row.sends += 1
-                row.sent_at = now
-                self._wait_for_child(flow, point, now)
-                return TaskSend(row.task_id, row.call)
-            self._wait_for_child(flow, point, row.sent_at)
-            return "suspended"
-
-    def _wait_for_child(self, flow: _Flow, point: TaskPoint, sent_at: datetime) -> None:
-        self._suspend(flow, sent_at + timedelta(seconds=point.resend_after), "task")
-        flow.waiting_on, flow.deadline = f"task:{point.name}", None
+        return self._tasks.take_task_or_send(lease, point, ttl)
 
     def complete_task(
         self, task_id: str, *, result: str | None, error: str | None
     ) -> tuple[str, str] | None:
         """Record a child's outcome once; the (flow name, flow id) to wake, if any."""
-        with self._lock:
-            row = next((t for t in self._tasks.values() if t.task_id == task_id), None)
-            if row is None or row.status != "pending":
-                return None
-            row.status = "failed" if error is not None else "succeeded"
-            row.result, row.error = result, error
-            flow = self._flows.get(row.flow_id)
-            if flow is not None and flow.status == "suspended" and flow.wake_kind == "task":
-                flow.wake_at, flow.wake_kind = self._now(), "run"
-                return flow.name, flow.id
-            return None
+        return self._tasks.complete_task(task_id, result=result, error=error)
 
     def list_flows(self, where: FlowFilter) -> list[FlowRow]:
         """Flows matching ``where``, newest first, without steps or signals."""
-        with self._lock:
-            found = [
-                f
-                for f in self._flows.values()
-                if (where.status is None or f.status == where.status)
-                and (where.name is None or f.name == where.name)
-                and (where.waiting_on is None or f.waiting_on == where.waiting_on)
-            ]
-            found.sort(key=lambda f: (-f.created_at.timestamp(), f.id))
-            return [self._row(f, details=False) for f in found[: where.limit]]
+        return self._admin.list_flows(where)
 
     def purge_finished(self, before: datetime) -> int:
         """Delete finished flows that ended before ``before``."""
-        with self._lock:
-            gone = [
-                f.id
-                for f in self._flows.values()
-                if f.status in TERMINAL and f.finished_at is not None and f.finished_at < before
-            ]
-            for flow_id in gone:
-                del self._flows[flow_id]
-            for key in [k for k in self._tasks if k[0] in set(gone)]:
-                del self._tasks[key]
-            return len(gone)
+        return self._admin.purge_finished(before)
 
     def record_rejected(
         self,
@@ -565,17 +389,16 @@ class MemoryStore:
         key: str | None = None,
     ) -> int:
         """Keep a refused ingress message with its reason; returns its id."""
-        with self._lock:
-            row = RejectedRow(
-                len(self._rejected) + 1, reason, detail, flow_id, name, key, raw, self._now()
-            )
-            self._rejected.append(row)
-            return row.id
+        return self._admin.record_rejected(reason, detail, raw, flow_id=flow_id, name=name, key=key)
 
     def list_rejected(self, limit: int = 100) -> list[RejectedRow]:
         """The most recently refused ingress messages, newest first."""
-        with self._lock:
-            return list(reversed(self._rejected))[:limit]
+        return self._admin.list_rejected(limit)
 
     def close(self) -> None:
         """Nothing to release."""
+
+
+def _conforms(store: MemoryStore) -> CruxStore:
+    # mypy checks here that MemoryStore is a whole ``CruxStore``.
+    return store

@@ -6,32 +6,26 @@ lease, and nothing an executor does depends on it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import AbstractContextManager
 from datetime import datetime
-from typing import Any
 
-from sqlalchemy import Connection, delete, insert, select
+from sqlalchemy import delete, insert, select
 
 from .._json import safe_text
-from .._models import TERMINAL
 from ._clock import aware
-from ._schema import flows, rejected_signals
+from ._lifecycle import TERMINAL
+from ._schema import flows, rejected_signals, signals, step_errors, steps, tasks
+from ._sql_db import SqlDb
+from ._text import clip
 from ._types import FlowFilter, FlowRow, RejectedRow
 
 _PURGE_BATCH = 1000
 
 
 class SqlAdmin:
-    """Mixin of ``SqlStore``: the operator's side of the record."""
+    """``AdminStore`` on SQL: the operator's side of the record."""
 
-    _now: Callable[[], datetime]
-
-    def _tx(self) -> AbstractContextManager[Connection]:
-        raise NotImplementedError
-
-    def _flow_row(self, r: Any, **extra: Any) -> FlowRow:
-        raise NotImplementedError
+    def __init__(self, db: SqlDb) -> None:
+        self._db = db
 
     def list_flows(self, where: FlowFilter) -> list[FlowRow]:
         """Flows matching ``where``, newest first, without steps or signals."""
@@ -43,8 +37,8 @@ class SqlAdmin:
             query = query.where(c.name == where.name)
         if where.waiting_on is not None:
             query = query.where(c.waiting_on == where.waiting_on)
-        with self._tx() as conn:
-            return [self._flow_row(r) for r in conn.execute(query).all()]
+        with self._db.tx() as conn:
+            return [self._db.flow_row(r) for r in conn.execute(query).all()]
 
     def purge_finished(self, before: datetime) -> int:
         """Delete finished flows (with their steps and signals) that ended before ``before``."""
@@ -52,7 +46,7 @@ class SqlAdmin:
         purged = 0
         while True:
             # Batches keep each transaction (and its locks) short on a large record.
-            with self._tx() as conn:
+            with self._db.tx() as conn:
                 ids = (
                     conn.execute(
                         select(c.id)
@@ -64,8 +58,6 @@ class SqlAdmin:
                 )
                 if ids:
                     # Children go first: SQLite enforces no ON DELETE CASCADE by default.
-                    from ._schema import signals, step_errors, steps, tasks
-
                     for table in (steps, signals, step_errors, tasks):
                         conn.execute(delete(table).where(table.c.flow_id.in_(ids)))
                     conn.execute(delete(flows).where(c.id.in_(ids)))
@@ -84,17 +76,17 @@ class SqlAdmin:
         key: str | None = None,
     ) -> int:
         """Keep a refused ingress message with its reason; returns its id."""
-        with self._tx() as conn:
+        with self._db.tx() as conn:
             new_id = conn.execute(
                 insert(rejected_signals)
                 .values(
                     reason=safe_text(reason),
                     detail=safe_text(detail),
                     raw=safe_text(raw),
-                    flow_id=_clip(flow_id),
-                    name=_clip(name),
-                    key=_clip(key),
-                    received_at=self._now(),
+                    flow_id=clip(flow_id),
+                    name=clip(name),
+                    key=clip(key),
+                    received_at=self._db.now(),
                 )
                 .returning(rejected_signals.c.id)
             ).scalar_one()
@@ -103,7 +95,7 @@ class SqlAdmin:
     def list_rejected(self, limit: int = 100) -> list[RejectedRow]:
         """The most recently refused ingress messages, newest first."""
         r = rejected_signals.c
-        with self._tx() as conn:
+        with self._db.tx() as conn:
             rows = conn.execute(select(rejected_signals).order_by(r.id.desc()).limit(limit)).all()
         return [
             RejectedRow(
@@ -114,12 +106,7 @@ class SqlAdmin:
                 x.name,
                 x.key,
                 x.raw,
-                aware(x.received_at) or self._now(),
+                aware(x.received_at) or self._db.now(),
             )
             for x in rows
         ]
-
-
-def _clip(value: str | None) -> str | None:
-    # The columns are bounded; a refused message may carry anything in these fields.
-    return safe_text(value)[:200] if isinstance(value, str) else None

@@ -206,12 +206,12 @@ class FlowFilter:
 Validator = Callable[[str], str]
 
 
-class CruxStore(Protocol):
-    """The durable record. Every write an executor makes is fenced by its lease epoch."""
+class ExecutorStore(Protocol):
+    """What an executor may do: claim a flow, then write it fenced by its lease epoch.
 
-    def create_flow(self, flow_id: str, name: str, input_json: str) -> tuple[FlowRow, bool]:
-        """Insert a pending flow, or return the existing row; the bool says if created."""
-        ...
+    Every write raises ``LeaseLost`` (or reports False) once another claim bumped the
+    epoch; ``now`` is the record's clock, so timers agree across workers.
+    """
 
     def claim(self, flow_id: str, owner: str, ttl: float) -> Claimed | NotClaimed:
         """Take the lease if it is free and the flow has something to do."""
@@ -266,18 +266,6 @@ class CruxStore(Protocol):
         """
         ...
 
-    def cancel(self, flow_id: str, reason: str) -> str:
-        """Cancel at once ("cancelled") or at the running executor's next step ("cancelling")."""
-        ...
-
-    def claim_tick(self, tick: int) -> bool:
-        """True for the first sweep of a tick; False when another beat's sweep took it."""
-        ...
-
-    def sweep(self, *, limit: int, redrive_after: float) -> SweepResult:
-        """Expire overdue suspends; mark due and stalled flows and return them to publish."""
-        ...
-
     def take_signal_or_suspend(
         self, lease: Lease, point: Suspension, validate: Validator, ttl: float
     ) -> Checkpoint | SuspendOutcome:
@@ -288,24 +276,6 @@ class CruxStore(Protocol):
         Without a valid signal: "suspended" (lease released), or "expired" when the
         point's deadline has passed (the flow is finished).
         """
-        ...
-
-    def finish(
-        self, lease: Lease, status: str, *, result: str | None = None, error: str | None = None
-    ) -> None:
-        """End the flow with a terminal status if ``lease`` still holds."""
-        ...
-
-    def record_signal(self, flow_id: str, name: str, payload: str, key: str | None) -> SignalResult:
-        """Durably record a signal; raise ``FlowNotFound`` or ``FlowNotWaiting``."""
-        ...
-
-    def request_resume(self, flow_id: str) -> str:
-        """Mark a suspended flow as due now; return its flow name."""
-        ...
-
-    def get_flow(self, flow_id: str, *, details: bool = True) -> FlowRow:
-        """The flow's row, with steps and signals when ``details``; ``FlowNotFound`` if none."""
         ...
 
     def take_task_or_send(
@@ -320,11 +290,60 @@ class CruxStore(Protocol):
         """
         ...
 
+    def finish(
+        self, lease: Lease, status: str, *, result: str | None = None, error: str | None = None
+    ) -> None:
+        """End the flow with a terminal status if ``lease`` still holds."""
+        ...
+
+
+class ClientStore(Protocol):
+    """What a client may do: create, signal, resume, cancel and read flows.
+
+    Also where a child task's outcome is reported. Nothing here takes a lease.
+    """
+
+    def create_flow(self, flow_id: str, name: str, input_json: str) -> tuple[FlowRow, bool]:
+        """Insert a pending flow, or return the existing row; the bool says if created."""
+        ...
+
+    def record_signal(self, flow_id: str, name: str, payload: str, key: str | None) -> SignalResult:
+        """Durably record a signal; raise ``FlowNotFound`` or ``FlowNotWaiting``."""
+        ...
+
+    def request_resume(self, flow_id: str) -> str:
+        """Mark a suspended flow as due now; return its flow name."""
+        ...
+
+    def cancel(self, flow_id: str, reason: str) -> str:
+        """Cancel at once ("cancelled") or at the running executor's next step ("cancelling")."""
+        ...
+
+    def get_flow(self, flow_id: str, *, details: bool = True) -> FlowRow:
+        """The flow's row, with steps and signals when ``details``; ``FlowNotFound`` if none."""
+        ...
+
     def complete_task(
         self, task_id: str, *, result: str | None, error: str | None
     ) -> tuple[str, str] | None:
         """Record a child's outcome once; the (flow name, flow id) to wake, if any."""
         ...
+
+
+class SweeperStore(Protocol):
+    """What the sweeper does: take a tick, then expire and redrive due flows."""
+
+    def claim_tick(self, tick: int) -> bool:
+        """True for the first sweep of a tick; False when another beat's sweep took it."""
+        ...
+
+    def sweep(self, *, limit: int, redrive_after: float) -> SweepResult:
+        """Expire overdue suspends; mark due and stalled flows and return them to publish."""
+        ...
+
+
+class AdminStore(Protocol):
+    """What the operator (the CLI, the ingress) reads, keeps and deletes."""
 
     def list_flows(self, where: FlowFilter) -> list[FlowRow]:
         """Flows matching ``where``, newest first, without steps or signals."""
@@ -350,6 +369,14 @@ class CruxStore(Protocol):
     def list_rejected(self, limit: int = 100) -> list[RejectedRow]:
         """The most recently refused ingress messages, newest first."""
         ...
+
+
+class CruxStore(ExecutorStore, ClientStore, SweeperStore, AdminStore, Protocol):
+    """The durable record: the union of the four roles above.
+
+    Every write an executor makes is fenced by its lease epoch. Code that plays one
+    role (the engine, a client, the sweeper, the CLI) can ask for that role's protocol.
+    """
 
     def close(self) -> None:
         """Release connections."""

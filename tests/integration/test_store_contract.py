@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Generic, Protocol
 
 import pytest
 
@@ -16,11 +17,15 @@ from crux_workers._store._types import (
     Checkpoint,
     Claimed,
     CruxStore,
+    FlowFilter,
     Lease,
     Suspension,
     SweepResult,
+    TaskError,
+    TaskPoint,
+    TaskSend,
 )
-from crux_workers.errors import LeaseLost
+from crux_workers.errors import LeaseLost, NonDeterminismError
 
 
 class Clock:
@@ -282,3 +287,209 @@ def test_sweep_expires_wakes_and_redrives(store: tuple[CruxStore, Clock]) -> Non
     clock.now += timedelta(seconds=30)
     again = s.sweep(limit=100, redrive_after=30)
     assert sorted(again.due) == [("demo", "dead"), ("demo", "lost"), ("demo", "nap")]
+
+
+def _task(seq: int, name: str = "child", attempt: int = 1) -> TaskPoint:
+    return TaskPoint(seq, name, 0, attempt, "tasks.child", '{"args":[1]}', resend_after=30.0)
+
+
+def test_now_is_the_records_clock(store: tuple[CruxStore, Clock]) -> None:
+    s, clock = store
+    assert s.now() == clock()
+    clock.now += timedelta(seconds=5)
+    assert s.now() == clock()
+
+
+def test_release_frees_the_lease_and_marks_the_flow_due(store: tuple[CruxStore, Clock]) -> None:
+    s, clock = store
+    s.create_flow("f", "demo", "{}")
+    lease = _claim(s, "f")
+    s.release(lease)
+    row = s.get_flow("f", details=False)
+    assert (row.status, row.wake_kind, row.wake_at) == ("running", "run", clock())
+    again = _claim(s, "f", owner="other")  # no wait for the released lease to run out
+    assert again.epoch == lease.epoch + 1
+    s.release(lease)  # a stale release changes nothing
+    assert s.claim("f", "third", 10).reason == "busy"  # type: ignore[union-attr]
+
+
+def test_a_child_is_sent_once_resent_when_stale_and_its_outcome_wakes_the_flow(
+    store: tuple[CruxStore, Clock],
+) -> None:
+    s, clock = store
+    s.create_flow("f", "demo", "{}")
+    point = _task(0)
+    send = s.take_task_or_send(_claim(s, "f"), point, 10)
+    assert isinstance(send, TaskSend) and send.call == point.call
+    row = s.get_flow("f", details=False)
+    assert (row.status, row.wake_kind, row.waiting_on) == ("suspended", "task", "task:child")
+    assert row.wake_at == clock() + timedelta(seconds=30)
+    s.request_resume("f")  # a stray resume must not send the child again
+    assert s.take_task_or_send(_claim(s, "f"), point, 10) == "suspended"
+    clock.now += timedelta(seconds=31)
+    again = s.take_task_or_send(_claim(s, "f"), point, 10)
+    assert isinstance(again, TaskSend) and again.task_id == send.task_id
+    assert s.complete_task("crux:nope:0:1", result="1", error=None) is None
+    assert s.complete_task(send.task_id, result='"done"', error=None) == ("demo", "f")
+    assert s.complete_task(send.task_id, result='"late"', error=None) is None  # first stands
+    assert s.get_flow("f", details=False).wake_kind == "run"
+    cp = s.take_task_or_send(_claim(s, "f"), point, 10)
+    assert isinstance(cp, Checkpoint) and (cp.kind, cp.result) == ("task", '"done"')
+    assert s.load_checkpoints("f") == [cp]
+
+
+def test_a_failed_child_is_reported_and_a_new_attempt_sends_its_own(
+    store: tuple[CruxStore, Clock],
+) -> None:
+    s, clock = store
+    s.create_flow("f", "demo", "{}")
+    first_sent = clock()
+    first = s.take_task_or_send(_claim(s, "f"), _task(0), 10)
+    assert isinstance(first, TaskSend)
+    assert s.complete_task(first.task_id, result=None, error='{"type":"E"}') == ("demo", "f")
+    clock.now += timedelta(seconds=5)
+    lease = _claim(s, "f")
+    assert s.take_task_or_send(lease, _task(0), 10) == TaskError('{"type":"E"}')
+    second = s.take_task_or_send(lease, _task(0, attempt=2), 10)
+    assert isinstance(second, TaskSend) and second.task_id != first.task_id
+    s.complete_task(second.task_id, result="2", error=None)
+    cp = s.take_task_or_send(_claim(s, "f"), _task(0, attempt=2), 10)
+    assert isinstance(cp, Checkpoint) and cp.result == "2"
+    step = s.get_flow("f").steps[0]
+    assert (step.attempts, step.started_at) == (2, first_sent)  # from the first attempt
+
+
+def test_a_replay_asking_for_another_child_is_refused_with_both_names(
+    store: tuple[CruxStore, Clock],
+) -> None:
+    s, _ = store
+    s.create_flow("f", "demo", "{}")
+    assert isinstance(s.take_task_or_send(_claim(s, "f"), _task(0), 10), TaskSend)
+    s.request_resume("f")
+    with pytest.raises(NonDeterminismError) as err:
+        s.take_task_or_send(_claim(s, "f"), _task(0, name="other"), 10)
+    got = err.value
+    assert (got.flow_id, got.seq, got.expected, got.actual) == (  # type: ignore[attr-defined]
+        "f",
+        0,
+        "task 'child'",
+        "task 'other'",
+    )
+
+
+def test_list_flows_filters_newest_first_and_purge_deletes_the_finished(
+    store: tuple[CruxStore, Clock],
+) -> None:
+    s, clock = store
+    for i, name in enumerate(["a", "b", "a"]):
+        s.create_flow(f"f{i}", name, "{}")
+        clock.now += timedelta(seconds=1)
+    lease = _claim(s, "f0")
+    s.commit_checkpoint(lease, _cp(0), started_at=clock(), attempts=1, ttl=10)
+    s.fail_step(lease, 1, "x", 1, "{}", retry_in=0)
+    lease = _claim(s, "f0")
+    s.take_task_or_send(lease, _task(1), 10)
+    s.request_resume("f0")
+    lease = _claim(s, "f0")
+    s.record_signal("f0", "n", "1", None)
+    s.finish(lease, "completed", result="1")
+    lease = _claim(s, "f1")
+    s.take_signal_or_suspend(lease, Suspension(0, "go", 0, None), accept, 10)
+
+    def ids(where: FlowFilter) -> list[str]:
+        return [r.id for r in s.list_flows(where)]
+
+    assert ids(FlowFilter()) == ["f2", "f1", "f0"]
+    assert ids(FlowFilter(name="a")) == ["f2", "f0"]
+    assert ids(FlowFilter(status="completed")) == ["f0"]
+    assert ids(FlowFilter(waiting_on="go")) == ["f1"]
+    assert ids(FlowFilter(limit=1)) == ["f2"]
+    assert all(not r.steps and not r.signals for r in s.list_flows(FlowFilter()))
+    assert s.purge_finished(clock()) == 0  # finished at this instant, not before it
+    clock.now += timedelta(seconds=1)
+    assert s.purge_finished(clock()) == 1
+    with pytest.raises(FlowNotFound):
+        s.get_flow("f0")
+    assert ids(FlowFilter()) == ["f2", "f1"]
+    assert s.purge_finished(clock()) == 0
+
+
+def test_refused_messages_are_kept_newest_first_and_bounded(
+    store: tuple[CruxStore, Clock],
+) -> None:
+    s, clock = store
+    first = s.record_rejected("bad_json", "Expecting value", "{nope\x00")
+    clock.now += timedelta(seconds=1)
+    second = s.record_rejected(
+        "unknown_flow", "no flow", '{"flow_id":"x"}', flow_id="x" * 500, name="n", key="k"
+    )
+    assert second > first
+    rows = s.list_rejected()
+    assert [r.id for r in rows] == [second, first]
+    newest, oldest = rows
+    assert (newest.reason, newest.flow_id, newest.name, newest.key) == (
+        "unknown_flow",
+        "x" * 200,
+        "n",
+        "k",
+    )
+    assert newest.received_at == clock()
+    assert (oldest.flow_id, oldest.detail, oldest.raw) == (None, "Expecting value", "{nope\\x00")
+    assert [r.id for r in s.list_rejected(limit=1)] == [second]
+
+
+def test_close_releases_connections_and_the_record_stays(store: tuple[CruxStore, Clock]) -> None:
+    s, clock = store
+    s.create_flow("f", "demo", "{}")
+    s.close()
+    if isinstance(s, SqlStore):
+        assert s.engine.pool.checkedout() == 0
+        reopened = SqlStore(s.url, clock=clock)
+        assert reopened.get_flow("f", details=False).status == "pending"
+        reopened.close()
+    else:
+        assert s.get_flow("f", details=False).status == "pending"
+
+
+# Every method of the store protocol, each called above with an assertion on its effect.
+# A new store method fails the test below until it gets its contract test here.
+EXERCISED = {
+    "create_flow",
+    "claim",
+    "renew",
+    "release",
+    "load_checkpoints",
+    "now",
+    "commit_checkpoint",
+    "fail_step",
+    "suspend_until",
+    "poll_later",
+    "cancel",
+    "claim_tick",
+    "sweep",
+    "take_signal_or_suspend",
+    "finish",
+    "record_signal",
+    "request_resume",
+    "get_flow",
+    "take_task_or_send",
+    "complete_task",
+    "list_flows",
+    "purge_finished",
+    "record_rejected",
+    "list_rejected",
+    "close",
+}
+
+
+def test_the_contract_exercises_every_store_method() -> None:
+    declared = {
+        name
+        for cls in CruxStore.__mro__
+        if cls not in (object, Protocol, Generic)
+        for name, value in vars(cls).items()
+        if callable(value) and not name.startswith("_")
+    }
+    assert declared == EXERCISED
+    source = Path(__file__).read_text()
+    assert [name for name in sorted(EXERCISED) if f".{name}(" not in source] == []

@@ -1,0 +1,214 @@
+"""What a client does on the SQL record: create, signal, resume, cancel, read a flow.
+
+These are the transaction paths; ``PgClient`` in ``_sql_pg.py`` records a signal in
+one statement on Postgres.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import exc as sa_exc
+from sqlalchemy import insert, select, update
+
+from ..errors import FlowAlreadyFinished, FlowNotFound, FlowNotWaiting, StoreError
+from . import _lifecycle as life
+from ._clock import aware
+from ._lifecycle import FlowStatus, SignalStatus, WakeKind
+from ._schema import flows, signals, step_errors, steps
+from ._sql_db import SqlDb
+from ._types import FlowRow, SignalResult, SignalRow, StepErrorRow, StepRow
+
+
+def not_waiting(flow_id: str, status: str, name: str) -> FlowNotWaiting:
+    """The refusal of a signal to a finished flow."""
+    return FlowNotWaiting(
+        f"flow {flow_id!r} is {status}; signal {name!r} refused",
+        flow_id=flow_id,
+        status=status,
+        signal=name,
+    )
+
+
+class SqlClient:
+    """``ClientStore`` on SQL."""
+
+    def __init__(self, db: SqlDb) -> None:
+        self._db = db
+
+    def create_flow(self, flow_id: str, name: str, input_json: str) -> tuple[FlowRow, bool]:
+        """Insert a pending flow, or return the existing row; the bool says if created."""
+        db = self._db
+        now = db.now()
+        stmt = (
+            db.insert(flows)
+            .values(
+                id=flow_id,
+                name=name,
+                status=FlowStatus.PENDING,
+                input=input_json,
+                wake_at=now,
+                wake_kind=WakeKind.RUN,
+                epoch=0,
+                next_seq=0,
+                runs=0,
+                created_at=now,
+                updated_at=now,
+            )
+            .on_conflict_do_nothing(index_elements=["id"])
+            .returning(flows.c.id)
+        )
+        with db.tx() as conn:
+            created = conn.execute(stmt).first() is not None
+            row = conn.execute(select(flows).where(flows.c.id == flow_id)).one()
+        return db.flow_row(row), created
+
+    def cancel(self, flow_id: str, reason: str) -> str:
+        """Cancel at once ("cancelled") or at the running executor's next step ("cancelling")."""
+        db, c = self._db, flows.c
+        now = db.now()
+        with db.tx() as conn:
+            row = conn.execute(
+                select(c.status, c.lease_owner, c.lease_until)
+                .where(c.id == flow_id)
+                .with_for_update()
+            ).first()
+            if row is None:
+                raise FlowNotFound(f"no flow {flow_id!r}", flow_id=flow_id)
+            if life.is_terminal(row.status):
+                raise FlowAlreadyFinished(
+                    f"flow {flow_id!r} is already {row.status}; nothing to cancel",
+                    flow_id=flow_id,
+                    status=row.status,
+                )
+            conn.execute(update(flows).where(c.id == flow_id).values(cancel_reason=reason))
+            if life.cancels_at_next_step(row.status, row.lease_owner, aware(row.lease_until), now):
+                return "cancelling"
+            db.end(conn, flow_id, FlowStatus.CANCELLED)
+        return "cancelled"
+
+    def record_signal(self, flow_id: str, name: str, payload: str, key: str | None) -> SignalResult:
+        """Durably record a signal; raise ``FlowNotFound`` or ``FlowNotWaiting``."""
+        try:
+            return self._record_signal(flow_id, name, payload, key)
+        except StoreError as exc:
+            if isinstance(exc.__cause__, sa_exc.IntegrityError) and key is not None:
+                # Lost a race on the same key (a backend without row locks, or a same-key
+                # signal that committed while this one waited for the flow's lock).
+                return self.record_signal(flow_id, name, payload, key)
+            raise
+
+    def _record_signal(
+        self, flow_id: str, name: str, payload: str, key: str | None
+    ) -> SignalResult:
+        db, c, s = self._db, flows.c, signals.c
+        now = db.now()
+        with db.tx() as conn:
+            # Lock the flow row first: signals then commit in the order of their ids,
+            # and a suspend in progress either sees this signal or is seen by it.
+            row = conn.execute(
+                select(c.status, c.name, c.waiting_on).where(c.id == flow_id).with_for_update()
+            ).first()
+            if row is None:
+                raise FlowNotFound(f"no flow {flow_id!r}", flow_id=flow_id)
+            if key is not None:
+                dup = conn.execute(select(s.id).where(s.flow_id == flow_id, s.key == key)).scalar()
+                if dup is not None:
+                    return SignalResult(int(dup), row.name, duplicate=True, wake=False)
+            if not life.accepts_signal(row.status):
+                raise not_waiting(flow_id, row.status, name)
+            signal_id = conn.execute(
+                insert(signals)
+                .values(
+                    flow_id=flow_id,
+                    name=name,
+                    payload=payload,
+                    key=key,
+                    status=SignalStatus.PENDING,
+                    created_at=now,
+                )
+                .returning(s.id)
+            ).scalar_one()
+            wake = life.signal_wakes(row.status, row.waiting_on, name)
+            if wake:
+                conn.execute(
+                    update(flows)
+                    .where(c.id == flow_id)
+                    .values(wake_at=now, wake_kind=WakeKind.RUN, updated_at=now)
+                )
+        return SignalResult(int(signal_id), row.name, duplicate=False, wake=wake)
+
+    def request_resume(self, flow_id: str) -> str:
+        """Mark a suspended flow as due now; return its flow name."""
+        db, c = self._db, flows.c
+        with db.tx() as conn:
+            row = conn.execute(
+                select(c.status, c.name).where(c.id == flow_id).with_for_update()
+            ).first()
+            if row is None:
+                raise FlowNotFound(f"no flow {flow_id!r}", flow_id=flow_id)
+            if life.is_terminal(row.status):
+                raise FlowNotWaiting(
+                    f"flow {flow_id!r} is {row.status}", flow_id=flow_id, status=row.status
+                )
+            if life.resume_wakes(row.status):
+                conn.execute(
+                    update(flows)
+                    .where(c.id == flow_id)
+                    .values(wake_at=db.now(), wake_kind=WakeKind.RUN)
+                )
+        return str(row.name)
+
+    def get_flow(self, flow_id: str, *, details: bool = True) -> FlowRow:
+        """The flow's row, with steps and signals when ``details``; ``FlowNotFound`` if none."""
+        db = self._db
+        with db.tx() as conn:
+            row = conn.execute(select(flows).where(flows.c.id == flow_id)).first()
+            if row is None:
+                raise FlowNotFound(f"no flow {flow_id!r}", flow_id=flow_id)
+            if not details:
+                return db.flow_row(row)
+            step_rows = conn.execute(
+                select(steps).where(steps.c.flow_id == flow_id).order_by(steps.c.seq)
+            ).all()
+            signal_rows = conn.execute(
+                select(signals).where(signals.c.flow_id == flow_id).order_by(signals.c.id)
+            ).all()
+            error_rows = conn.execute(
+                select(step_errors)
+                .where(step_errors.c.flow_id == flow_id)
+                .order_by(step_errors.c.seq, step_errors.c.attempt)
+            ).all()
+        now = db.now()
+        return db.flow_row(
+            row,
+            steps=[
+                StepRow(
+                    r.seq,
+                    r.kind,
+                    r.name,
+                    r.occurrence,
+                    r.result,
+                    r.attempts,
+                    aware(r.started_at),
+                    aware(r.completed_at) or now,
+                )
+                for r in step_rows
+            ],
+            signals=[
+                SignalRow(
+                    int(r.id),
+                    r.name,
+                    r.payload,
+                    r.key,
+                    r.status,
+                    r.error,
+                    r.consumed_seq,
+                    aware(r.created_at) or now,
+                    aware(r.consumed_at),
+                )
+                for r in signal_rows
+            ],
+            step_errors=[
+                StepErrorRow(r.seq, r.attempt, r.name, r.error, aware(r.created_at) or now)
+                for r in error_rows
+            ],
+        )

@@ -1,0 +1,119 @@
+"""Where Postgres differs from SQLite: one place, as subclasses of the SQLite paths.
+
+Postgres has row locks and ``SKIP LOCKED``, runs one statement as a transaction of
+its own (autocommit saves the BEGIN and COMMIT round trips), and takes the step
+commit and the signal as single statements (``_sql_rules.COMMIT_STEP`` and
+``_sql_rules.RECORD_SIGNAL``) on the two hottest paths.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Connection, Engine, Select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+from ..errors import FlowNotFound
+from . import _sql_rules as rules
+from ._lifecycle import FlowStatus
+from ._sql_client import SqlClient, not_waiting
+from ._sql_db import SqlDb, lease_lost
+from ._sql_exec import SqlExecutor
+from ._types import Checkpoint, Lease, SignalResult
+
+
+class PgDb(SqlDb):
+    """The plumbing on Postgres."""
+
+    def __init__(self, url: str, engine: Engine, clock: Callable[[], datetime]) -> None:
+        super().__init__(url, engine, clock)
+        self._auto = engine.execution_options(isolation_level="AUTOCOMMIT")
+
+    @contextmanager
+    def one(self) -> Iterator[Connection]:
+        """For one atomic statement: autocommit, so no BEGIN and COMMIT round trips.
+
+        A single statement (an UPDATE ... RETURNING, or a CTE that updates and
+        inserts) is a transaction by itself.
+        """
+        with self.driver_errors(), self._auto.connect() as conn:
+            yield conn
+
+    def insert(self, table: Any) -> Any:
+        """An INSERT that knows ``ON CONFLICT DO NOTHING``."""
+        return pg_insert(table)
+
+    def lock_for_sweep(self, query: Select[Any]) -> Select[Any]:
+        """Two sweepers share the due rows instead of waiting on each other's locks."""
+        return query.with_for_update(skip_locked=True)
+
+
+class PgExecutor(SqlExecutor):
+    """The executor's writes on Postgres: the step commit in one statement."""
+
+    def commit_checkpoint(
+        self, lease: Lease, cp: Checkpoint, *, started_at: datetime, attempts: int, ttl: float
+    ) -> bool:
+        """Commit a checkpoint if ``lease`` still holds; True if the flow is now cancelled."""
+        # The step's hot path: the fenced touch and the insert in one statement, one
+        # round trip. The insert reads the touch's output, so it happens only if the
+        # epoch still holds.
+        db = self._db
+        now = db.now()
+        with db.one() as conn:
+            got = conn.execute(
+                rules.COMMIT_STEP,
+                {
+                    "flow_id": lease.flow_id,
+                    "epoch": lease.epoch,
+                    "lease_until": now + timedelta(seconds=ttl),
+                    "now": now,
+                    "next_seq": cp.seq + 1,
+                    "seq": cp.seq,
+                    "kind": cp.kind,
+                    "name": cp.name,
+                    "occurrence": cp.occurrence,
+                    "result": cp.result,
+                    "attempts": attempts,
+                    "started_at": started_at,
+                },
+            ).one()
+        if not got.touched:
+            raise lease_lost(lease)
+        if got.cancel_reason is None:
+            return False
+        with db.tx() as conn:
+            db.touch(conn, lease, ttl)
+            db.end(conn, lease.flow_id, FlowStatus.CANCELLED)
+        return True
+
+
+class PgClient(SqlClient):
+    """The client's writes on Postgres: a signal in one statement."""
+
+    def _record_signal(
+        self, flow_id: str, name: str, payload: str, key: str | None
+    ) -> SignalResult:
+        # The same steps as SqlClient's transaction, as one statement: one round trip and
+        # one commit on the caller's side of every signal.
+        with self._db.one() as conn:
+            row = conn.execute(
+                rules.RECORD_SIGNAL,
+                {
+                    "flow_id": flow_id,
+                    "name": name,
+                    "payload": payload,
+                    "key": key,
+                    "now": self._db.now(),
+                },
+            ).first()
+        if row is None:
+            raise FlowNotFound(f"no flow {flow_id!r}", flow_id=flow_id)
+        if row.dup_id is not None:
+            return SignalResult(int(row.dup_id), row.name, duplicate=True, wake=False)
+        if row.new_id is None:
+            raise not_waiting(flow_id, row.status, name)
+        return SignalResult(int(row.new_id), row.name, duplicate=False, wake=bool(row.woke))

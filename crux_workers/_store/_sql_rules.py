@@ -1,0 +1,124 @@
+"""The life-cycle rules as SQL: every place the record encodes a rule in a statement.
+
+Each statement or condition names the Python rule of ``_lifecycle.py`` it encodes.
+The two Postgres statements exist for speed (one round trip for the step commit
+and for a signal); SQLite runs the same rules as transactions in ``_sql_exec.py``
+and ``_sql_client.py``. ``tests/integration/test_pg_rules_property.py`` runs these
+statements on generated rows and checks them against the Python rules.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, or_, text
+
+from ._lifecycle import ACTIVE, FlowStatus, WakeKind
+from ._schema import flows
+
+_c = flows.c
+
+
+def has_work(now: datetime) -> Any:
+    """``_lifecycle.has_work``: new or running, or suspended and woken or due."""
+    return or_(
+        _c.status.in_((FlowStatus.PENDING, FlowStatus.RUNNING)),
+        and_(
+            _c.status == FlowStatus.SUSPENDED,
+            or_(_c.wake_kind == WakeKind.RUN, _c.wake_at <= now),
+        ),
+    )
+
+
+def lease_free(now: datetime) -> Any:
+    """``_lifecycle.lease_free``: no holder, or the holder's lease ran out."""
+    return or_(_c.lease_owner.is_(None), _c.lease_until < now)
+
+
+def sweep_due(now: datetime, redrive_after: float) -> Any:
+    """``_lifecycle.is_due``: an active flow whose ``wake_at`` has come.
+
+    ``wake_kind <> 'run'`` is NULL (false) for a NULL kind, as ``is_due`` requires.
+    """
+    stale = now - timedelta(seconds=redrive_after)
+    return and_(
+        _c.status.in_(ACTIVE),
+        or_(
+            and_(_c.wake_kind == WakeKind.RUN, _c.wake_at <= stale),
+            and_(_c.wake_kind != WakeKind.RUN, _c.wake_at <= now),
+        ),
+    )
+
+
+def sweep_stalled(now: datetime) -> Any:
+    """``_lifecycle.is_stalled``: running, lease ran out, nothing set to wake it."""
+    return and_(_c.status == FlowStatus.RUNNING, _c.lease_until < now, _c.wake_at.is_(None))
+
+
+def sweep_expires() -> Any:
+    """``_lifecycle.sweep_action`` == "expire": of the swept rows, a signal wait's deadline."""
+    return and_(_c.status == FlowStatus.SUSPENDED, _c.wake_kind == WakeKind.EXPIRE)
+
+
+# Postgres: record a signal in one statement (``PgClient.record_signal``).
+# Rules: ``accepts_signal`` (the INSERT's status list) and ``signal_wakes`` (the
+# UPDATE's condition on f). The flow's row lock comes first, so signal ids follow
+# commit order, and a suspend either sees the signal or is woken by it. A same-key
+# signal committed while this statement waited for the lock is not in its snapshot:
+# the unique key refuses the insert, and the caller retries, then finds it.
+RECORD_SIGNAL = text(
+    """
+    WITH f AS (
+        SELECT id, name, status, waiting_on FROM crux_flows WHERE id = :flow_id FOR UPDATE
+    ), dup AS (
+        SELECT s.id FROM crux_signals s
+         WHERE s.flow_id = :flow_id AND s.key = :key AND EXISTS (SELECT 1 FROM f)
+    ), ins AS (
+        INSERT INTO crux_signals (flow_id, name, payload, key, status, created_at)
+        SELECT f.id, :name, :payload, :key, 'pending', :now FROM f
+         WHERE f.status IN ('pending', 'running', 'suspended')
+           AND NOT EXISTS (SELECT 1 FROM dup)
+        RETURNING id
+    ), woke AS (
+        -- Decided on f, the locked and current row: this statement's snapshot may be
+        -- older than a suspend that committed while it waited for the lock.
+        UPDATE crux_flows SET wake_at = :now, wake_kind = 'run', updated_at = :now
+          FROM f
+         WHERE crux_flows.id = f.id AND f.status = 'suspended' AND f.waiting_on = :name
+           AND EXISTS (SELECT 1 FROM ins)
+        RETURNING crux_flows.id
+    )
+    SELECT f.name, f.status,
+           (SELECT id FROM dup LIMIT 1) AS dup_id,
+           (SELECT id FROM ins) AS new_id,
+           EXISTS (SELECT 1 FROM woke) AS woke
+      FROM f
+    """
+)
+
+# Postgres: commit a step in one statement (``PgExecutor.commit_checkpoint``).
+# Rule: the lease fence (same epoch, status 'running'); the insert reads the
+# touch's output, so it happens only if the epoch still holds. A commit resets the
+# failed attempts (``retry_attempt = 0``).
+COMMIT_STEP = text(
+    """
+    WITH touched AS (
+        UPDATE crux_flows
+           SET lease_until = :lease_until, updated_at = :now,
+               next_seq = :next_seq, retry_attempt = 0
+         WHERE id = :flow_id AND epoch = :epoch AND status = 'running'
+        RETURNING cancel_reason
+    ), inserted AS (
+        INSERT INTO crux_steps
+               (flow_id, seq, kind, name, occurrence, result, attempts, epoch,
+                started_at, completed_at)
+        SELECT :flow_id, :seq, :kind, :name, :occurrence, :result, :attempts, :epoch,
+               :started_at, :now
+          FROM touched
+        RETURNING seq
+    )
+    SELECT (SELECT count(*) FROM inserted) AS touched,
+           (SELECT cancel_reason FROM touched) AS cancel_reason
+    """
+)
