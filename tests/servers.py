@@ -1,7 +1,7 @@
 """Real Postgres and Redis servers on loopback, in a temp dir, for tests.
 
-Plain Python (no pytest): the fixtures in conftest.py wrap these, and fault tests can
-drive them directly (stop, kill, restart).
+Plain Python (no pytest): the fixtures (tests/conftest.py over tests/support/postgres.py
+and redis.py) wrap these, and fault tests drive them directly (stop, kill, restart).
 """
 
 from __future__ import annotations

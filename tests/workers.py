@@ -1,4 +1,8 @@
-"""Real `crux-workers worker` processes for integration and fault tests."""
+"""Real `crux-workers worker` processes for integration and fault tests.
+
+Plain Python (no pytest), like tests/servers.py; the fleets that run these for a test are
+in tests/support/fleet.py, and the effects file the flows write in tests/support/effects.py.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -139,33 +142,6 @@ class Beat:
                 os.killpg(self.proc.pid, sig)
         self.proc.wait(timeout=20)
         self._log_file.close()
-
-
-class Effects:
-    """Side effects written by test flows: one line "flow_id step pid" per call."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        path.touch()
-
-    def lines(self) -> list[tuple[str, str, int]]:
-        out = []
-        for line in self.path.read_text().splitlines():
-            flow_id, step, pid = line.split(" ")
-            out.append((flow_id, step, int(pid)))
-        return out
-
-    def count(self, flow_id: str | None = None) -> Counter[str]:
-        return Counter(s for f, s, _ in self.lines() if flow_id is None or f == flow_id)
-
-    def wait_for(self, step: str, timeout: float = 20) -> tuple[str, str, int]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for line in self.lines():
-                if line[1] == step:
-                    return line
-            time.sleep(0.02)
-        raise TimeoutError(f"no side effect {step!r} within {timeout}s")
 
 
 class Service:

@@ -26,9 +26,11 @@ from pydantic import ValidationError
 
 from crux_workers import FlowNotFound, InvalidInput
 from crux_workers import _json as crux_json
+from tests.support.audit import audit
+from tests.support.fleet import FaultFleet
+from tests.support.report import report
 from tests.workers import Worker
 
-from .conftest import FaultFleet, audit, report
 from .flows import Item
 
 Outcome = Literal["recorded", "duplicate", "invalid", "not_found"]

@@ -24,9 +24,9 @@ import pytest
 import redis
 
 from crux_workers import Crux, Settings
+from tests.support.fleet import FaultFleet
+from tests.support.report import report
 from tests.workers import REPO, Service
-
-from .conftest import FaultFleet, report
 
 SECRET = "hostile-tests-secret"
 MB = 1024 * 1024

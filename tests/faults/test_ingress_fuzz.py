@@ -12,9 +12,8 @@ from hypothesis import strategies as st
 from sqlalchemy import create_engine, text
 
 from crux_workers._wire import TIMESTAMP_HEADER, sign
+from tests.support.fleet import FaultFleet
 from tests.workers import Service
-
-from .conftest import FaultFleet
 
 SECRET = "fuzz-secret"
 json_values = st.recursive(

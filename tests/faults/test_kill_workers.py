@@ -7,7 +7,9 @@ import time
 
 import pytest
 
-from .conftest import FaultFleet, audit, check_chain_results, report
+from tests.support.audit import audit, check_chain_results
+from tests.support.fleet import FaultFleet
+from tests.support.report import report
 
 FLOWS = 240
 KILLS = 8  # alternately a whole worker (then replaced) and one pool process

@@ -9,7 +9,10 @@ from typing import Any
 
 import pytest
 
-from .conftest import Event, FaultFleet, audit, report
+from tests.support.audit import audit
+from tests.support.effects import Event
+from tests.support.fleet import FaultFleet
+from tests.support.report import report
 
 
 def _snapshot(fleet: FaultFleet, flow_id: str) -> tuple[Any, ...]:

@@ -10,8 +10,9 @@ from typing import TypeVar
 import pytest
 
 from crux_workers import StoreError
-
-from .conftest import FaultFleet, audit, check_chain_results, report
+from tests.support.audit import audit, check_chain_results
+from tests.support.fleet import FaultFleet
+from tests.support.report import report
 
 T = TypeVar("T")
 FLOWS = 120

@@ -11,9 +11,9 @@ from typing import Any
 from sqlalchemy import create_engine, text
 
 from tests.servers import free_port
+from tests.support.fleet import Fleet
 from tests.workers import REPO
 
-from .conftest import Fleet
 from .test_fleet import SIGNUP, wait_status
 
 

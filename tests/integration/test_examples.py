@@ -13,9 +13,8 @@ import pytest
 
 from crux_workers import FlowNotWaiting, FlowState
 from crux_workers._store._types import FlowFilter
+from tests.support.fleet import Fleet
 from tests.workers import REPO
-
-from .conftest import Fleet
 
 ARTICLE = {"topic": "durable flows", "publication": "crux-weekly"}
 

@@ -13,8 +13,7 @@ import redis
 from sqlalchemy import create_engine, text
 
 from crux_workers import FlowNotFound, FlowNotWaiting, FlowRun, InvalidInput
-
-from .conftest import Fleet
+from tests.support.fleet import Fleet
 
 
 def wait_status(run: FlowRun, status: str, timeout: float = 30) -> None:

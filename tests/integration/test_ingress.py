@@ -12,9 +12,9 @@ from sqlalchemy import create_engine, text
 
 from crux_workers import Crux, Settings
 from crux_workers._wire import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
+from tests.support.fleet import Fleet
 from tests.workers import REPO, Service
 
-from .conftest import Fleet
 from .test_fleet import SIGNUP, wait_status
 
 SECRET = "s3cret-for-tests"

@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 import redis
 
+from tests.support.fleet import Fleet
 from tests.workers import REPO
-
-from .conftest import Fleet
 
 
 class ChildWorker:

@@ -10,8 +10,8 @@ import redis
 from sqlalchemy import create_engine, text
 
 from crux_workers import FlowNotWaiting
+from tests.support.fleet import Fleet
 
-from .conftest import Fleet
 from .test_fleet import step_commits, wait_status
 
 

@@ -31,8 +31,7 @@ from crux_workers.ai import (
     generate,
 )
 from crux_workers.errors import ConfigurationError, InvalidInput
-
-from .conftest import Harness
+from tests.support.harness import Harness
 
 KEY = "sk-test-0123456789abcdef"
 

@@ -16,8 +16,7 @@ from pydantic import BaseModel
 from crux_workers import InvalidInput, current_step
 from crux_workers._compose import SwarmMessage, SwarmResult, consensus, parallel, swarm
 from crux_workers.errors import NoConsensus, Suspended
-
-from .conftest import Harness
+from tests.support.harness import Harness
 
 # Long enough never to trip on a slow machine; reached only when branches do not overlap.
 BARRIER_TIMEOUT = 10

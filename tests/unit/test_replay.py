@@ -17,8 +17,7 @@ from crux_workers import (
 )
 from crux_workers._store._types import Lease, Suspension
 from crux_workers.errors import LeaseLost
-
-from .conftest import Harness
+from tests.support.harness import Harness
 
 
 class Empty(BaseModel):

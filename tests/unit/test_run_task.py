@@ -10,8 +10,7 @@ from celery import Celery
 from pydantic import BaseModel
 
 from crux_workers import Crux, NonRetryableError, Retry, Settings
-
-from .conftest import Harness
+from tests.support.harness import Harness
 
 
 class Empty(BaseModel):

@@ -14,8 +14,7 @@ from crux_workers import (
     NonRetryableError,
     Retry,
 )
-
-from .conftest import Harness
+from tests.support.harness import Harness
 
 
 class Empty(BaseModel):
