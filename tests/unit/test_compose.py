@@ -8,7 +8,7 @@ import pickle
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
 
@@ -493,7 +493,7 @@ def test_the_checkpoint_api_is_refused_inside_a_branch(h: Harness) -> None:
 # -- async branches: tasks on a loop, no thread each -----------------------------------
 
 
-def meeting(n: int) -> Callable[[], Any]:
+def meeting(n: int) -> Callable[[], Awaitable[int]]:
     """An async branch that returns only once all n of its kind are running at once."""
     barrier: asyncio.Barrier | None = None
 
@@ -763,7 +763,7 @@ def test_swarm_async_runs_rounds_until_agreement() -> None:
 
     def agreed(transcript: tuple[SwarmMessage, ...]) -> bool:
         rounds_seen.append(transcript[-1].round)
-        return transcript[-1].output == "ok"
+        return bool(transcript[-1].output == "ok")
 
     async def main() -> SwarmResult:
         return await swarm_async({"p": proposer, "c": critic}, 10, rounds=5, until=agreed)
