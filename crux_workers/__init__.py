@@ -12,7 +12,16 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ._app import Crux, default_app, flow, set_default_app
-    from ._compose import SwarmMessage, SwarmResult, consensus, parallel, swarm
+    from ._compose import (
+        SwarmMessage,
+        SwarmResult,
+        consensus,
+        consensus_async,
+        parallel,
+        parallel_async,
+        swarm,
+        swarm_async,
+    )
     from ._context import FlowContext, StepInfo, current_step
     from ._context_async import AsyncFlowContext
     from ._flow import FlowHandle, FlowRun
@@ -71,8 +80,11 @@ _WHERE: dict[str, str] = {
     "SwarmMessage": "crux_workers._compose",
     "SwarmResult": "crux_workers._compose",
     "consensus": "crux_workers._compose",
+    "consensus_async": "crux_workers._compose",
     "parallel": "crux_workers._compose",
+    "parallel_async": "crux_workers._compose",
     "swarm": "crux_workers._compose",
+    "swarm_async": "crux_workers._compose",
     "ErrorInfo": "crux_workers._models",
     "FlowOutcome": "crux_workers._models",
     "FlowState": "crux_workers._models",
@@ -131,6 +143,9 @@ __all__ = [
     "consensus",
     "parallel",
     "swarm",
+    "consensus_async",
+    "parallel_async",
+    "swarm_async",
     "SwarmMessage",
     "SwarmResult",
     # values

@@ -1,30 +1,46 @@
-"""Immediate compositions: ``parallel``, ``consensus`` and ``swarm``.
+"""Immediate compositions: ``parallel``, ``consensus`` and ``swarm``, and their awaitable
+forms ``parallel_async``, ``consensus_async`` and ``swarm_async``.
 
-They run several calls at once on a bounded thread pool, inside whatever step or task
-calls them, and return when every call has finished. They are *not* durable by
-themselves: wrap one in a step (``f.step("votes", lambda: consensus(ask, 5))``) so its
-result is committed once and a replay returns it without running the branches again.
+They run several calls at once, inside whatever step or task calls them, and return when
+every call has finished. They are *not* durable by themselves: wrap one in a step
+(``f.step("votes", lambda: consensus(ask, 5))``) so its result is committed once and a
+replay returns it without running the branches again.
+
+How a branch runs depends on what it is, not on which form is called:
+
+- a coroutine function (``async def``, a ``functools.partial`` of one, an object with an
+  ``async def __call__``) runs as an asyncio task: on the caller's loop for the
+  awaitable forms, on the process's flow loop (``_loop.flow_loop``) for the blocking
+  ones. Async branches cost no thread each.
+- any other callable may block, so it is called in a thread of a pool private to the
+  call; if it returns an awaitable (``lambda: fetch(x)``), that is then awaited as a
+  task. A blocking call whose branches are all plain never touches an event loop.
 
 Each branch runs in a copy of the caller's ``contextvars`` context, so
 ``current_step()`` (and any other context variable) reads the same as in the caller,
-and a value a branch sets stays in that branch. A branch may be sync or async; an
-async one runs to completion on its own event loop, in its own thread.
+and a value a branch sets stays in that branch.
 
 Failures: every branch is waited for, then the ``Exception`` failures are raised
 together as one ``ExceptionGroup``, in branch order. Control flow (``Suspended``,
-``LeaseLost``, ``FlowStopped``, any non-``Exception``) is never wrapped: the first one,
-in branch order, is re-raised as it is, and branches that had not started yet are
-skipped.
+``LeaseLost``, ``FlowStopped``, ``CancelledError``, any non-``Exception``) is never
+wrapped: the first one, in branch order, is re-raised as it is, and branches that had
+not started yet are skipped. Cancelling an awaitable form cancels its async branches at
+their current ``await`` and waits for them (their ``finally`` blocks run) before the
+``CancelledError`` goes on; a plain branch already running in a thread cannot be
+interrupted and finishes on its own.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import contextvars
+import inspect
 import json
 import logging
 import threading
 from collections import Counter
-from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Hashable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -33,19 +49,22 @@ from typing import Any, TypeAlias, TypeVar, overload
 from pydantic_core import to_jsonable_python
 
 from ._context import _branch, call_maybe_async
+from ._loop import flow_loop
 from .errors import InvalidInput, NoConsensus
 
 log = logging.getLogger("crux_workers.compose")
 
 T = TypeVar("T")
 
-#: Upper bound on threads per call when ``max_workers`` is not given. Branches are
+#: Upper bound on threads per call when ``max_workers`` is not given. Plain branches are
 #: expected to wait on I/O (model calls, HTTP), so this is above the CPU count, but
 #: bounded: a worker may run several flows, each fanning out.
 DEFAULT_MAX_WORKERS = 32
 
+Calls: TypeAlias = Sequence[tuple[str, Callable[[], Any]]]
 
-# -- the runner shared by all three ----------------------------------------------------
+
+# -- the runners shared by all three ---------------------------------------------------
 
 
 @dataclass(slots=True)
@@ -61,6 +80,32 @@ def _check_max_workers(max_workers: int | None, what: str) -> None:
         raise InvalidInput(f"{what}: max_workers must be an int >= 1, got {max_workers!r}")
 
 
+def _check_callable(fn: object, what: str) -> None:
+    if not callable(fn):
+        raise InvalidInput(f"{what} must be callable, got {type(fn).__name__}")
+
+
+def _is_async(fn: Callable[..., Any]) -> bool:
+    """Whether calling ``fn`` only creates a coroutine, so it may be called on a loop."""
+    # inspect sees through functools.partial and bound methods; a callable object is
+    # async when its __call__ is.
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(type(fn).__call__)
+
+
+def _thread_pool(kind: str, plain: int, max_workers: int | None) -> ThreadPoolExecutor:
+    workers = min(plain, max_workers or DEFAULT_MAX_WORKERS)
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"crux-{kind}")
+
+
+def _settle(outcomes: Sequence[_Outcome | None]) -> list[_Outcome]:
+    """Re-raise the first control-flow exit in branch order; else the outcomes."""
+    for outcome in outcomes:
+        if outcome is not None and not isinstance(outcome.error, Exception | None):
+            raise outcome.error
+    # Only a control-flow exit skips branches, and it was re-raised above.
+    return [o for o in outcomes if o is not None]
+
+
 def _enter_branch(label: str, fn: Callable[[], Any]) -> Any:
     # Runs inside the branch's copied context, so setting _branch here is invisible to
     # the caller and to the other branches.
@@ -68,16 +113,8 @@ def _enter_branch(label: str, fn: Callable[[], Any]) -> Any:
     return call_maybe_async(fn)
 
 
-def _run_branches(
-    kind: str, calls: Sequence[tuple[str, Callable[[], Any]]], max_workers: int | None
-) -> list[_Outcome]:
-    """Run every call concurrently; return one outcome per call, in call order.
-
-    A non-``Exception`` raised by a branch is re-raised here after the running branches
-    have finished; every other failure is returned in its outcome.
-    """
-    if not calls:
-        return []
+def _run_in_threads(kind: str, calls: Calls, max_workers: int | None) -> list[_Outcome]:
+    """Every call in a thread of a pool private to this call (no async branch)."""
     # Set when control flow leaves a branch (or the caller): the flow is stopping, so
     # queued branches must not start side effects whose results nobody will record.
     stop = threading.Event()
@@ -94,9 +131,8 @@ def _run_branches(
             stop.set()
             return _Outcome(error=exc)
 
-    workers = min(len(calls), max_workers or DEFAULT_MAX_WORKERS)
     # Leaving the with-block joins every worker thread: none outlives the call.
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"crux-{kind}") as pool:
+    with _thread_pool(kind, len(calls), max_workers) as pool:
         # One context copy per branch, taken here in the caller's thread: a Context
         # cannot be entered by two threads at once.
         futures = [pool.submit(run, label, fn, contextvars.copy_context()) for label, fn in calls]
@@ -105,44 +141,183 @@ def _run_branches(
         except BaseException:
             stop.set()
             raise
-    for result in results:
-        if result is not None and not isinstance(result.error, Exception | None):
-            raise result.error
-    # Only a control-flow exit skips branches, and it was re-raised above.
-    return [r for r in results if r is not None]
+    return _settle(results)
+
+
+async def _gather(
+    kind: str, calls: Calls, max_workers: int | None, pool: ThreadPoolExecutor | None = None
+) -> list[_Outcome | None]:
+    """Every call concurrently on the running loop; one outcome per call, in call order.
+
+    Async calls are tasks; plain ones run in ``pool`` (or a pool made for this call).
+    Every failure is returned in its outcome (``_settle`` re-raises control flow, in the
+    caller's thread); a call skipped after a control-flow exit has ``None``.
+    """
+    if not calls:
+        return []
+    loop = asyncio.get_running_loop()
+    plain = sum(not _is_async(fn) for _, fn in calls)
+    own_pool = _thread_pool(kind, plain, max_workers) if pool is None and plain else None
+    pool = pool or own_pool
+    gate = asyncio.Semaphore(max_workers) if max_workers is not None else None
+    stopped = False
+
+    async def call(fn: Callable[[], Any]) -> Any:
+        if _is_async(fn):
+            value = fn()
+        else:
+            # A copy of this task's context, so the thread sees the branch's variables.
+            value = await loop.run_in_executor(pool, contextvars.copy_context().run, fn)
+        if inspect.isawaitable(value):
+            value = await value
+        return value
+
+    async def run(label: str, fn: Callable[[], Any]) -> _Outcome | None:
+        nonlocal stopped
+        async with gate or contextlib.nullcontext():
+            if stopped:
+                return None
+            # This task runs in its own copy of the caller's context (create_task copies
+            # it), so the mark stays in this branch.
+            _branch.set(label)
+            try:
+                return _Outcome(value=await call(fn))
+            except asyncio.CancelledError:
+                stopped = True
+                raise
+            except Exception as exc:
+                exc.add_note(f"in {label}")
+                return _Outcome(error=exc)
+            except BaseException as exc:
+                stopped = True
+                return _Outcome(error=exc)
+
+    tasks = [loop.create_task(run(label, fn)) for label, fn in calls]
+    interrupted = False
+    try:
+        await asyncio.wait(tasks)
+    except asyncio.CancelledError:
+        # The caller is cancelled: so is every branch, and each is waited for (its
+        # finally blocks run) before the cancellation goes on.
+        interrupted = stopped = True
+        for task in tasks:
+            task.cancel()
+        await asyncio.wait(tasks)
+        raise
+    finally:
+        if own_pool is not None:
+            # Normally every thread is idle by now and joins at once; a plain branch
+            # still running after a cancel cannot be stopped and is not waited for.
+            own_pool.shutdown(wait=not interrupted, cancel_futures=True)
+    return [
+        _Outcome(error=asyncio.CancelledError(f"{label} was cancelled"))
+        if task.cancelled()
+        else task.result()
+        for (label, _), task in zip(calls, tasks, strict=True)
+    ]
+
+
+async def _run_branches_async(kind: str, calls: Calls, max_workers: int | None) -> list[_Outcome]:
+    """The awaitable runner: on the caller's loop."""
+    return _settle(await _gather(kind, calls, max_workers))
+
+
+def _run_branches(kind: str, calls: Calls, max_workers: int | None) -> list[_Outcome]:
+    """The blocking runner: threads only, or the flow loop when a branch is async."""
+    if not calls:
+        return []
+    if not any(_is_async(fn) for _, fn in calls):
+        return _run_in_threads(kind, calls, max_workers)
+    plain = sum(not _is_async(fn) for _, fn in calls)
+    # Made (and, leaving the with-block, joined) in the calling thread, so no thread
+    # outlives the call and the loop never waits for a join.
+    pool = _thread_pool(kind, plain, max_workers) if plain else None
+    with pool or contextlib.nullcontext():
+        gather = _gather(kind, calls, max_workers, pool)
+        if flow_loop.on_loop_thread():
+            # Sync code running on the flow loop cannot wait for the loop it blocks.
+            outcomes = _run_on_private_loop(kind, gather)
+        else:
+            # submit() runs the coroutine in a copy of this thread's context.
+            future = flow_loop.submit(gather)
+            try:
+                outcomes = future.result()
+            except BaseException:
+                future.cancel()
+                raise
+    # Control flow is re-raised here, in the caller's thread, never through the loop.
+    return _settle(outcomes)
+
+
+def _run_on_private_loop(kind: str, coro: Coroutine[Any, Any, T]) -> T:
+    box: dict[str, Any] = {}
+    ctx = contextvars.copy_context()  # a new thread starts with an empty context
+
+    def runner() -> None:
+        try:
+            box["value"] = ctx.run(asyncio.run, coro)
+        except BaseException as exc:
+            box["error"] = exc
+
+    thread = threading.Thread(target=runner, name=f"crux-{kind}-loop")
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    value: T = box["value"]
+    return value
 
 
 def _failures(outcomes: Sequence[_Outcome]) -> list[Exception]:
     return [o.error for o in outcomes if isinstance(o.error, Exception)]
 
 
-def _check_callable(fn: object, what: str) -> None:
-    if not callable(fn):
-        raise InvalidInput(f"{what} must be callable, got {type(fn).__name__}")
+async def _maybe_await(value: Any) -> Any:
+    return await value if inspect.isawaitable(value) else value
 
 
 # -- parallel ----------------------------------------------------------------------------
 
 
-def parallel(*fns: Callable[[], Any], max_workers: int | None = None) -> list[Any]:
-    """Call every ``fn()`` concurrently and return their results in argument order.
-
-    Each ``fn`` takes no arguments and may be sync or async; it runs in a copy of the
-    caller's context (``current_step()`` works in it). At most ``max_workers`` run at
-    once (default: one thread per fn, up to ``DEFAULT_MAX_WORKERS``). If any fn raises,
-    the others are still waited for, then an ``ExceptionGroup`` of every failure is
-    raised. Not durable: call it inside ``f.step``.
-    """
+def _parallel_calls(fns: Sequence[Callable[[], Any]], max_workers: int | None) -> Calls:
     _check_max_workers(max_workers, "parallel")
     for i, fn in enumerate(fns):
         _check_callable(fn, f"parallel: argument {i}")
-    outcomes = _run_branches(
-        "parallel", [(f"parallel branch {i}", fn) for i, fn in enumerate(fns)], max_workers
-    )
+    return [(f"parallel branch {i}", fn) for i, fn in enumerate(fns)]
+
+
+def _parallel_result(outcomes: Sequence[_Outcome]) -> list[Any]:
     failed = _failures(outcomes)
     if failed:
-        raise ExceptionGroup(f"parallel: {len(failed)} of {len(fns)} branches failed", failed)
+        raise ExceptionGroup(f"parallel: {len(failed)} of {len(outcomes)} branches failed", failed)
     return [o.value for o in outcomes]
+
+
+def parallel(*fns: Callable[[], Any], max_workers: int | None = None) -> list[Any]:
+    """Call every ``fn()`` concurrently and return their results in argument order.
+
+    Each ``fn`` takes no arguments and may be sync or async: async ones run as tasks on
+    the flow loop, plain ones in threads. Each runs in a copy of the caller's context
+    (``current_step()`` works in it). At most ``max_workers`` run at once (default:
+    every async fn, and up to ``DEFAULT_MAX_WORKERS`` threads for plain ones). If any
+    fn raises, the others are still waited for, then an ``ExceptionGroup`` of every
+    failure is raised. Blocks the calling thread: in async code, await
+    ``parallel_async``. Not durable: call it inside ``f.step``.
+    """
+    calls = _parallel_calls(fns, max_workers)
+    return _parallel_result(_run_branches("parallel", calls, max_workers))
+
+
+async def parallel_async(*fns: Callable[[], Any], max_workers: int | None = None) -> list[Any]:
+    """``parallel`` for async code: await every ``fn()`` concurrently on the running loop.
+
+    Async fns run as tasks of the caller's loop (no thread each), plain ones in threads;
+    results, errors, context and ``max_workers`` are as for ``parallel``. Cancelling
+    the caller cancels the async branches and waits for them. Not durable: call it
+    inside ``await f.step``.
+    """
+    calls = _parallel_calls(fns, max_workers)
+    return _parallel_result(await _run_branches_async("parallel", calls, max_workers))
 
 
 # -- consensus ---------------------------------------------------------------------------
@@ -158,6 +333,75 @@ def _json_key(value: Any) -> str:
 def _label(key: Hashable) -> str:
     # Tallies go into NoConsensus.counts, which must stay JSON- and pickle-friendly.
     return key if isinstance(key, str) else repr(key)
+
+
+def _consensus_plan(
+    fn: Callable[[], Any],
+    n: int,
+    key: Callable[[Any], Hashable] | None,
+    quorum: int | None,
+    max_workers: int | None,
+) -> tuple[Calls, int]:
+    """Check the arguments; return the runs and the quorum."""
+    _check_callable(fn, "consensus: fn")
+    if key is not None:
+        _check_callable(key, "consensus: key")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise InvalidInput(f"consensus: n must be an int >= 1, got {n!r}")
+    need = n // 2 + 1 if quorum is None else quorum
+    if isinstance(need, bool) or not isinstance(need, int) or not 1 <= need <= n:
+        raise InvalidInput(f"consensus: quorum must be an int from 1 to n={n}, got {quorum!r}")
+    _check_max_workers(max_workers, "consensus")
+    return [(f"consensus run {i}", fn) for i in range(n)], need
+
+
+def _consensus_result(
+    outcomes: Sequence[_Outcome], need: int, key: Callable[[Any], Hashable] | None
+) -> Any:
+    n = len(outcomes)
+    keyfn = key or _json_key
+    failed: list[Exception] = []
+    first: dict[Hashable, Any] = {}
+    tally: Counter[Hashable] = Counter()
+    for i, o in enumerate(outcomes):
+        if isinstance(o.error, Exception):
+            failed.append(o.error)
+            continue
+        try:
+            k = keyfn(o.value)
+            hash(k)  # an unhashable key fails this run here, not the tally later
+        except Exception as exc:
+            exc.add_note(f"in consensus run {i}")
+            failed.append(exc)
+            continue
+        first.setdefault(k, o.value)
+        tally[k] += 1
+    if len(failed) == n:
+        raise ExceptionGroup(f"consensus: {n} of {n} runs failed", failed)
+    if failed:
+        log.info("consensus: %d of %d runs failed and did not vote", len(failed), n)
+
+    ranked = tally.most_common()
+    top_key, top = ranked[0]
+    tie = len(ranked) > 1 and ranked[1][1] == top
+    if top >= need and not tie:
+        return first[top_key]
+
+    counts: Counter[str] = Counter()
+    for k, c in ranked:
+        counts[_label(k)] += c
+    why = f"a tie at {top} votes" if tie and top >= need else f"the largest group has {top}"
+    group = (
+        ExceptionGroup(f"consensus: {len(failed)} of {n} runs failed", failed) if failed else None
+    )
+    raise NoConsensus(
+        f"consensus: no value reached the quorum of {need} of {n} runs ({why}; "
+        f"{len(failed)} failed)",
+        counts=dict(counts),
+        quorum=need,
+        n=n,
+        failed=len(failed),
+    ) from group
 
 
 @overload
@@ -196,66 +440,56 @@ def consensus(
     compare by value). The largest group wins if it has at least ``quorum`` members
     (default: a strict majority, ``n // 2 + 1``) and no other group is as large; its
     first result in run order is returned. A run that raises, or whose ``key`` raises,
-    is a non-vote: the quorum still counts out of ``n``.
+    is a non-vote: the quorum still counts out of ``n``. An async ``fn`` runs as ``n``
+    tasks on the flow loop, a plain one in threads.
 
     Raises ``NoConsensus`` (with ``counts``, ``quorum``, ``n``, ``failed``) when no group
     wins, an ``ExceptionGroup`` when every run failed, and ``InvalidInput`` for bad
-    arguments. Not durable: call it inside ``f.step``.
+    arguments. Blocks the calling thread: in async code, await ``consensus_async``.
+    Not durable: call it inside ``f.step``.
     """
-    _check_callable(fn, "consensus: fn")
-    if key is not None:
-        _check_callable(key, "consensus: key")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise InvalidInput(f"consensus: n must be an int >= 1, got {n!r}")
-    need = n // 2 + 1 if quorum is None else quorum
-    if isinstance(need, bool) or not isinstance(need, int) or not 1 <= need <= n:
-        raise InvalidInput(f"consensus: quorum must be an int from 1 to n={n}, got {quorum!r}")
-    _check_max_workers(max_workers, "consensus")
-    keyfn = key or _json_key
+    calls, need = _consensus_plan(fn, n, key, quorum, max_workers)
+    return _consensus_result(_run_branches("consensus", calls, max_workers), need, key)
 
-    def vote() -> tuple[Any, Hashable]:
-        value = call_maybe_async(fn)
-        k = keyfn(value)
-        hash(k)  # an unhashable key fails this run here, not the tally later
-        return value, k
 
-    outcomes = _run_branches(
-        "consensus", [(f"consensus run {i}", vote) for i in range(n)], max_workers
-    )
-    failed = _failures(outcomes)
-    if len(failed) == n:
-        raise ExceptionGroup(f"consensus: {n} of {n} runs failed", failed)
-    if failed:
-        log.info("consensus: %d of %d runs failed and did not vote", len(failed), n)
+@overload
+async def consensus_async(
+    fn: Callable[[], Awaitable[T]],
+    n: int,
+    *,
+    key: Callable[[T], Hashable] | None = None,
+    quorum: int | None = None,
+    max_workers: int | None = None,
+) -> T: ...
 
-    first: dict[Hashable, Any] = {}
-    tally: Counter[Hashable] = Counter()
-    for o in outcomes:
-        if o.error is None:
-            value, k = o.value
-            first.setdefault(k, value)
-            tally[k] += 1
-    ranked = tally.most_common()
-    top_key, top = ranked[0]
-    tie = len(ranked) > 1 and ranked[1][1] == top
-    if top >= need and not tie:
-        return first[top_key]
 
-    counts: Counter[str] = Counter()
-    for k, c in ranked:
-        counts[_label(k)] += c
-    why = f"a tie at {top} votes" if tie and top >= need else f"the largest group has {top}"
-    group = (
-        ExceptionGroup(f"consensus: {len(failed)} of {n} runs failed", failed) if failed else None
-    )
-    raise NoConsensus(
-        f"consensus: no value reached the quorum of {need} of {n} runs ({why}; "
-        f"{len(failed)} failed)",
-        counts=dict(counts),
-        quorum=need,
-        n=n,
-        failed=len(failed),
-    ) from group
+@overload
+async def consensus_async(
+    fn: Callable[[], T],
+    n: int,
+    *,
+    key: Callable[[T], Hashable] | None = None,
+    quorum: int | None = None,
+    max_workers: int | None = None,
+) -> T: ...
+
+
+async def consensus_async(
+    fn: Callable[[], Any],
+    n: int,
+    *,
+    key: Callable[[Any], Hashable] | None = None,
+    quorum: int | None = None,
+    max_workers: int | None = None,
+) -> Any:
+    """``consensus`` for async code: ``n`` concurrent runs on the running loop.
+
+    The same vote, quorum and errors as ``consensus``. An async ``fn`` runs as ``n``
+    tasks of the caller's loop, a plain one in threads; ``key`` is called on the loop,
+    so it must not block. Not durable: call it inside ``await f.step``.
+    """
+    calls, need = _consensus_plan(fn, n, key, quorum, max_workers)
+    return _consensus_result(await _run_branches_async("consensus", calls, max_workers), need, key)
 
 
 # -- swarm -------------------------------------------------------------------------------
@@ -323,6 +557,39 @@ def _named_agents(agents: Agents) -> list[tuple[str, Agent]]:
     return pairs
 
 
+def _swarm_plan(
+    agents: Agents, rounds: int, until: Callable[[Transcript], Any] | None, max_workers: int | None
+) -> list[tuple[str, Agent]]:
+    named = _named_agents(agents)
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise InvalidInput(f"swarm: rounds must be an int >= 1, got {rounds!r}")
+    if until is not None:
+        _check_callable(until, "swarm: until")
+    _check_max_workers(max_workers, "swarm")
+    return named
+
+
+def _round_calls(named: Sequence[tuple[str, Agent]], task: Any, seen: Transcript, r: int) -> Calls:
+    # `seen` is bound now: every agent of round r gets the same snapshot. A partial of
+    # an async agent is still recognised as async.
+    return [
+        (f"swarm round {r} agent {name!r}", partial(agent, task, seen)) for name, agent in named
+    ]
+
+
+def _round_messages(
+    named: Sequence[tuple[str, Agent]], outcomes: Sequence[_Outcome], r: int
+) -> Transcript:
+    failed = _failures(outcomes)
+    if failed:
+        raise ExceptionGroup(
+            f"swarm round {r}: {len(failed)} of {len(named)} agents failed", failed
+        )
+    return tuple(
+        SwarmMessage(r, name, o.value) for (name, _), o in zip(named, outcomes, strict=True)
+    )
+
+
 def swarm(
     agents: Agents,
     task: Any,
@@ -340,32 +607,43 @@ def swarm(
     each other. Their outputs are appended in agent order. After each round,
     ``until(transcript)`` (sync or async) is called if given; a truthy value ends the
     swarm there with ``converged=True``. If any agent raises, the round's others are
-    waited for and an ``ExceptionGroup`` of the round's failures is raised. Not
-    durable: call it inside ``f.step``.
+    waited for and an ``ExceptionGroup`` of the round's failures is raised. Async agents
+    run as tasks on the flow loop, plain ones in threads. Blocks the calling thread: in
+    async code, await ``swarm_async``. Not durable: call it inside ``f.step``.
     """
-    named = _named_agents(agents)
-    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
-        raise InvalidInput(f"swarm: rounds must be an int >= 1, got {rounds!r}")
-    if until is not None:
-        _check_callable(until, "swarm: until")
-    _check_max_workers(max_workers, "swarm")
-
+    named = _swarm_plan(agents, rounds, until, max_workers)
     transcript: Transcript = ()
     for r in range(1, rounds + 1):
-        seen = transcript  # bound now: every agent of round r gets the same snapshot
-        calls = [
-            (f"swarm round {r} agent {name!r}", partial(agent, task, seen)) for name, agent in named
-        ]
-        outcomes = _run_branches("swarm", calls, max_workers)
-        failed = _failures(outcomes)
-        if failed:
-            raise ExceptionGroup(
-                f"swarm round {r}: {len(failed)} of {len(named)} agents failed", failed
-            )
-        transcript += tuple(
-            SwarmMessage(r, name, o.value) for (name, _), o in zip(named, outcomes, strict=True)
-        )
+        outcomes = _run_branches("swarm", _round_calls(named, task, transcript, r), max_workers)
+        transcript += _round_messages(named, outcomes, r)
         if until is not None and call_maybe_async(partial(until, transcript)):
+            return SwarmResult(transcript, r, converged=True)
+    return SwarmResult(transcript, rounds, converged=False)
+
+
+async def swarm_async(
+    agents: Agents,
+    task: Any,
+    *,
+    rounds: int,
+    until: Callable[[Transcript], Any] | None = None,
+    max_workers: int | None = None,
+) -> SwarmResult:
+    """``swarm`` for async code: each round's agents run concurrently on the running loop.
+
+    The same rounds, transcript, ``until`` and errors as ``swarm``. Async agents run as
+    tasks of the caller's loop, plain ones in threads; ``until`` is called on the loop
+    (awaited if async), so a plain one must not block. Not durable: call it inside
+    ``await f.step``.
+    """
+    named = _swarm_plan(agents, rounds, until, max_workers)
+    transcript: Transcript = ()
+    for r in range(1, rounds + 1):
+        outcomes = await _run_branches_async(
+            "swarm", _round_calls(named, task, transcript, r), max_workers
+        )
+        transcript += _round_messages(named, outcomes, r)
+        if until is not None and await _maybe_await(until(transcript)):
             return SwarmResult(transcript, r, converged=True)
     return SwarmResult(transcript, rounds, converged=False)
 
@@ -374,6 +652,9 @@ __all__ = [
     "SwarmMessage",
     "SwarmResult",
     "consensus",
+    "consensus_async",
     "parallel",
+    "parallel_async",
     "swarm",
+    "swarm_async",
 ]

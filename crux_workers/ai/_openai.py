@@ -66,6 +66,9 @@ class OpenAICompatible:
     ``temperature``, ``max_tokens`` and ``extra_body`` go into the request body;
     ``headers`` are added to the request.
 
+    ``complete`` blocks; ``complete_async`` is the same call for async code (an
+    ``httpx.AsyncClient``), so the provider is both a ``Model`` and an ``AsyncModel``.
+
     Errors: ``ModelTimeout`` and ``ModelError`` (unreachable server) are retryable;
     ``ModelHTTPError`` is retryable for 5xx, 408, 409 and 429, and other statuses raise
     ``ModelRequestRejected`` (a ``NonRetryableError``); a reply that is not a completion
@@ -120,6 +123,31 @@ class OpenAICompatible:
     def complete(self, messages: list[Message]) -> str:
         """POST ``messages`` and return the first choice's message content."""
         httpx = _import_httpx()
+        body, headers = self._request(messages)
+        # A client per call: a model call takes seconds, so pooling saves little, and a
+        # short-lived client is safe across threads and Celery's forked worker processes.
+        try:
+            with httpx.Client(timeout=self.timeout, follow_redirects=False) as client:
+                response = client.post(self.url, json=body, headers=headers)
+        except httpx.RequestError as exc:
+            raise self._request_error(httpx, exc) from exc
+        return self._answer(response)
+
+    async def complete_async(self, messages: list[Message]) -> str:
+        """``complete`` without blocking the event loop: the same request and errors."""
+        httpx = _import_httpx()
+        body, headers = self._request(messages)
+        # A client per call, as for complete: an AsyncClient is bound to the loop it
+        # first runs on, and a provider may be shared by several loops and processes.
+        try:
+            async with httpx.AsyncClient(timeout=self.timeout, follow_redirects=False) as client:
+                response = await client.post(self.url, json=body, headers=headers)
+        except httpx.RequestError as exc:
+            raise self._request_error(httpx, exc) from exc
+        return self._answer(response)
+
+    def _request(self, messages: list[Message]) -> tuple[dict[str, Any], dict[str, str]]:
+        """The JSON body and the headers of a chat-completions request."""
         body: dict[str, Any] = dict(self.extra_body or {})
         if self.temperature is not None:
             body["temperature"] = self.temperature
@@ -130,32 +158,31 @@ class OpenAICompatible:
         headers = {"Accept": "application/json", **(self.headers or {})}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
+        return body, headers
 
-        # A client per call: a model call takes seconds, so pooling saves little, and a
-        # short-lived client is safe across threads and Celery's forked worker processes.
-        try:
-            with httpx.Client(timeout=self.timeout, follow_redirects=False) as client:
-                response = client.post(self.url, json=body, headers=headers)
-        except httpx.TimeoutException as exc:
-            raise ModelTimeout(
+    def _request_error(self, httpx: ModuleType, exc: Exception) -> ModelError:
+        """The typed error for an httpx ``RequestError`` (sync and async clients alike)."""
+        if isinstance(exc, httpx.TimeoutException):
+            return ModelTimeout(
                 f"model server at {self._shown_url()} did not answer within "
                 f"{self.timeout:g}s ({type(exc).__name__})",
                 url=self._shown_url(),
                 timeout=self.timeout,
-            ) from exc
-        except httpx.TransportError as exc:
-            raise ModelError(
+            )
+        if isinstance(exc, httpx.TransportError):
+            return ModelError(
                 f"could not reach model server at {self._shown_url()}: "
                 f"{type(exc).__name__}: {self._redact(str(exc))}",
                 url=self._shown_url(),
-            ) from exc
-        except httpx.RequestError as exc:
-            raise ModelResponseError(
-                f"unreadable answer from model server at {self._shown_url()}: "
-                f"{type(exc).__name__}: {self._redact(str(exc))}",
-                url=self._shown_url(),
-            ) from exc
+            )
+        return ModelResponseError(
+            f"unreadable answer from model server at {self._shown_url()}: "
+            f"{type(exc).__name__}: {self._redact(str(exc))}",
+            url=self._shown_url(),
+        )
 
+    def _answer(self, response: Any) -> str:
+        """The completion text of a read ``httpx.Response``, or the typed error."""
         if not 200 <= response.status_code < 300:
             self._raise_http_error(response.status_code, response.reason_phrase, response.text)
         try:

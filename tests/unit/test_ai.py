@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import subprocess
@@ -20,6 +21,7 @@ from pydantic import BaseModel
 import crux_workers.ai
 from crux_workers import NonRetryableError, Retry
 from crux_workers.ai import (
+    AsyncModel,
     Message,
     Model,
     ModelError,
@@ -29,6 +31,7 @@ from crux_workers.ai import (
     ModelTimeout,
     OpenAICompatible,
     generate,
+    generate_async,
 )
 from crux_workers.errors import ConfigurationError, InvalidInput
 from tests.support.harness import Harness
@@ -144,6 +147,16 @@ def provider(server: ChatServer, **kwargs: Any) -> OpenAICompatible:
     return OpenAICompatible(server.url, "test-model", **kwargs)
 
 
+def ask(mode: str, prompt: str, **kwargs: Any) -> str:
+    """``generate``, or ``generate_async`` run on a fresh loop: both must behave alike."""
+    if mode == "sync":
+        return generate(prompt, **kwargs)
+    return asyncio.run(generate_async(prompt, **kwargs))
+
+
+both = pytest.mark.parametrize("mode", ["sync", "async"])
+
+
 class FakeModel:
     def __init__(self, reply: Any = "fake reply") -> None:
         self.reply = reply
@@ -172,11 +185,16 @@ class Article(BaseModel):
 # -- the provider ------------------------------------------------------------------------
 
 
-def test_generate_posts_a_chat_completion_and_returns_its_text(server: ChatServer) -> None:
+@both
+def test_generate_posts_a_chat_completion_and_returns_its_text(
+    mode: str, server: ChatServer
+) -> None:
     server.replies.append(Reply(text="Durable flows, explained."))
     model = provider(server, api_key=KEY)
 
-    text = generate("Write about {topic}", model=model, input={"topic": "flows"}, system="Be brief")
+    text = ask(
+        mode, "Write about {topic}", model=model, input={"topic": "flows"}, system="Be brief"
+    )
 
     assert text == "Durable flows, explained."
     [request] = server.received
@@ -192,13 +210,15 @@ def test_generate_posts_a_chat_completion_and_returns_its_text(server: ChatServe
     assert request.headers["Content-Type"] == "application/json"
 
 
-def test_no_authorization_header_is_sent_without_an_api_key(server: ChatServer) -> None:
-    assert generate("hello", model=provider(server)) == "a reply"
+@both
+def test_no_authorization_header_is_sent_without_an_api_key(mode: str, server: ChatServer) -> None:
+    assert ask(mode, "hello", model=provider(server)) == "a reply"
     assert "Authorization" not in server.received[0].headers
     assert server.received[0].body["messages"] == [{"role": "user", "content": "hello"}]
 
 
-def test_request_options_and_headers_are_passed_through(server: ChatServer) -> None:
+@both
+def test_request_options_and_headers_are_passed_through(mode: str, server: ChatServer) -> None:
     model = provider(
         server,
         temperature=0.2,
@@ -206,7 +226,7 @@ def test_request_options_and_headers_are_passed_through(server: ChatServer) -> N
         extra_body={"seed": 7, "stop": ["\n\n"]},
         headers={"X-Team": "docs"},
     )
-    generate("hi", model=model)
+    ask(mode, "hi", model=model)
     [request] = server.received
     assert request.body["temperature"] == 0.2
     assert request.body["max_tokens"] == 64
@@ -351,15 +371,103 @@ def test_a_model_returning_something_else_than_text_is_a_response_error() -> Non
         generate("hi", model=FakeModel(reply={"text": "x"}))
 
 
+# -- generate_async --------------------------------------------------------------------
+
+
+class FakeAsyncModel:
+    def __init__(self, reply: Any = "async reply") -> None:
+        self.reply = reply
+        self.loops: list[asyncio.AbstractEventLoop] = []
+
+    async def complete_async(self, messages: list[Message]) -> str:
+        self.loops.append(asyncio.get_running_loop())
+        await asyncio.sleep(0)
+        if not isinstance(self.reply, str):
+            return self.reply  # type: ignore[no-any-return]  # a broken contract, on purpose
+        return f"{self.reply}: {messages[-1]['content']}"
+
+
+def test_generate_async_awaits_an_async_model_on_the_callers_loop() -> None:
+    model = FakeAsyncModel()
+    assert isinstance(model, AsyncModel) and not isinstance(model, Model)
+
+    async def main() -> tuple[str, asyncio.AbstractEventLoop]:
+        text = await generate_async("Hi {name}", model=model, input={"name": "Ada"})
+        return text, asyncio.get_running_loop()
+
+    text, loop = asyncio.run(main())
+    assert text == "async reply: Hi Ada"
+    assert model.loops == [loop]
+    assert isinstance(OpenAICompatible("http://127.0.0.1:1", "m"), AsyncModel)
+
+
+def test_generate_async_calls_a_sync_model_off_the_loop() -> None:
+    threads: list[str] = []
+
+    class Blocking(FakeModel):
+        def complete(self, messages: list[Message]) -> str:
+            threads.append(threading.current_thread().name)
+            return super().complete(messages)
+
+    async def main() -> str:
+        threads.append(threading.current_thread().name)
+        return await generate_async("hi", model=Blocking("sync reply"), system="be kind")
+
+    assert asyncio.run(main()) == "sync reply"
+    loop_thread, model_thread = threads
+    assert loop_thread != model_thread
+
+
+def test_generate_async_refuses_what_is_not_a_model_and_checks_the_reply() -> None:
+    with pytest.raises(InvalidInput, match="complete_async"):
+        asyncio.run(generate_async("hi", model=object()))  # type: ignore[arg-type]
+    with pytest.raises(ModelResponseError, match=r"complete_async returned dict"):
+        asyncio.run(generate_async("hi", model=FakeAsyncModel(reply={"x": 1})))
+    with pytest.raises(ModelResponseError, match=r"complete returned int"):
+        asyncio.run(generate_async("hi", model=FakeModel(reply=3)))
+    with pytest.raises(InvalidInput, match="placeholder"):
+        asyncio.run(generate_async("hi {who}", model=FakeAsyncModel(), input={}))
+
+
+def test_waiting_on_the_async_client_leaves_the_loop_free(server: ChatServer) -> None:
+    server.replies += [Reply(delay=0.3, text=f"reply {i}") for i in range(3)]
+    model = provider(server)
+    ticks = 0
+
+    async def ticker(done: asyncio.Event) -> None:
+        nonlocal ticks
+        while not done.is_set():
+            ticks += 1
+            await asyncio.sleep(0.01)
+
+    async def main() -> list[str]:
+        done = asyncio.Event()
+        ticking = asyncio.create_task(ticker(done))
+        try:
+            return await asyncio.gather(*[generate_async(f"q{i}", model=model) for i in range(3)])
+        finally:
+            done.set()
+            await ticking
+
+    started = time.monotonic()
+    replies = asyncio.run(main())
+    # Three 0.3 s answers awaited together: one after another they would take 0.9 s.
+    assert time.monotonic() - started < 0.9
+    assert sorted(replies) == ["reply 0", "reply 1", "reply 2"]
+    assert ticks >= 5  # the loop kept running other tasks while the requests waited
+
+
 # -- errors ------------------------------------------------------------------------------
 
 
+@both
 def test_http_500_is_a_retryable_model_http_error_with_status_and_body(
+    mode: str,
     server: ChatServer,
 ) -> None:
     server.replies.append(Reply(status=500, body=b"upstream exploded", content_type="text/plain"))
     with pytest.raises(ModelHTTPError) as caught:
-        generate("hi", model=provider(server))
+        ask(mode, "hi", model=provider(server))
     err = caught.value
     assert err.status == 500  # type: ignore[attr-defined]
     assert err.body == "upstream exploded"  # type: ignore[attr-defined]
@@ -368,59 +476,69 @@ def test_http_500_is_a_retryable_model_http_error_with_status_and_body(
 
 
 @pytest.mark.parametrize("status", [408, 409, 429, 500, 502, 503])
-def test_transient_statuses_are_retryable(server: ChatServer, status: int) -> None:
+@both
+def test_transient_statuses_are_retryable(mode: str, server: ChatServer, status: int) -> None:
     server.replies.append(Reply(status=status, body=error_body("slow down")))
     with pytest.raises(ModelHTTPError) as caught:
-        generate("hi", model=provider(server))
+        ask(mode, "hi", model=provider(server))
     assert caught.value.status == status  # type: ignore[attr-defined]
     assert not isinstance(caught.value, NonRetryableError)
 
 
 @pytest.mark.parametrize("status", [400, 401, 403, 404, 422])
-def test_other_client_errors_are_rejected_without_retry(server: ChatServer, status: int) -> None:
+@both
+def test_other_client_errors_are_rejected_without_retry(
+    mode: str, server: ChatServer, status: int
+) -> None:
     server.replies.append(Reply(status=status, body=error_body("context length exceeded")))
     with pytest.raises(ModelRequestRejected) as caught:
-        generate("hi", model=provider(server))
+        ask(mode, "hi", model=provider(server))
     err = caught.value
     assert isinstance(err, ModelHTTPError) and isinstance(err, NonRetryableError)
     assert err.status == status  # type: ignore[attr-defined]
     assert str(err).endswith(": context length exceeded")
 
 
-def test_long_error_bodies_are_truncated(server: ChatServer) -> None:
+@both
+def test_long_error_bodies_are_truncated(mode: str, server: ChatServer) -> None:
     server.replies.append(Reply(status=503, body=b"x" * 50_000, content_type="text/plain"))
     with pytest.raises(ModelHTTPError) as caught:
-        generate("hi", model=provider(server))
+        ask(mode, "hi", model=provider(server))
     assert len(caught.value.body) == 1000  # type: ignore[attr-defined]
     assert len(str(caught.value)) < 400
 
 
-def test_the_api_key_never_appears_in_errors_or_reprs(server: ChatServer) -> None:
+@both
+def test_the_api_key_never_appears_in_errors_or_reprs(mode: str, server: ChatServer) -> None:
     server.replies.append(Reply(status=401, body=error_body(f"bad key {KEY}")))
     model = provider(server, api_key=KEY)
     with pytest.raises(ModelRequestRejected) as caught:
-        generate("hi", model=model)
+        ask(mode, "hi", model=model)
     assert KEY not in str(caught.value) and KEY not in caught.value.body  # type: ignore[attr-defined]
     assert "bad key [redacted]" in str(caught.value)
     assert KEY not in repr(model)
 
 
-def test_a_server_slower_than_the_timeout_is_a_model_timeout(server: ChatServer) -> None:
+@both
+def test_a_server_slower_than_the_timeout_is_a_model_timeout(mode: str, server: ChatServer) -> None:
     server.replies.append(Reply(delay=0.6))
     started = time.monotonic()
     with pytest.raises(ModelTimeout) as caught:
-        generate("hi", model=provider(server, timeout=0.2))
+        ask(mode, "hi", model=provider(server, timeout=0.2))
     assert time.monotonic() - started < 0.55
     assert isinstance(caught.value, TimeoutError) and isinstance(caught.value, ModelError)
     assert not isinstance(caught.value, NonRetryableError)
 
 
-def test_an_unreachable_server_is_a_retryable_model_error() -> None:
+@both
+def test_an_unreachable_server_is_a_retryable_model_error(
+    mode: str,
+) -> None:
     with socket.socket() as sock:  # a port that was free a moment ago: nobody listens on it
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     with pytest.raises(ModelError, match="could not reach") as caught:
-        generate("hi", model=OpenAICompatible(f"http://user:pw@127.0.0.1:{port}", "m"))
+        ask(mode, "hi", model=OpenAICompatible(f"http://user:pw@127.0.0.1:{port}", "m"))
     assert not isinstance(caught.value, NonRetryableError)
     assert "pw" not in str(caught.value)
 
@@ -437,12 +555,13 @@ def test_an_unreachable_server_is_a_retryable_model_error() -> None:
         (b'{"choices": ["text"]}', "without text content"),
     ],
 )
+@both
 def test_a_reply_that_is_not_a_completion_is_a_non_retryable_response_error(
-    server: ChatServer, body: bytes, match: str
+    mode: str, server: ChatServer, body: bytes, match: str
 ) -> None:
     server.replies.append(Reply(body=body))
     with pytest.raises(ModelResponseError, match=match) as caught:
-        generate("hi", model=provider(server))
+        ask(mode, "hi", model=provider(server))
     assert isinstance(caught.value, NonRetryableError)
 
 
@@ -468,6 +587,7 @@ def test_importing_crux_workers_ai_does_not_need_httpx() -> None:
 def test_public_names_are_pinned() -> None:
     assert sorted(crux_workers.ai.__all__) == sorted(
         [
+            "AsyncModel",
             "Message",
             "Model",
             "ModelError",
@@ -478,6 +598,7 @@ def test_public_names_are_pinned() -> None:
             "OpenAICompatible",
             "TemplateInput",
             "generate",
+            "generate_async",
         ]
     )
     for name in crux_workers.ai.__all__:
@@ -539,3 +660,30 @@ def test_a_rejected_request_fails_the_flow_without_retrying(h: Harness, server: 
     assert state.error is not None and state.error.type.endswith("ModelRequestRejected")
     assert "unknown model" in state.error.message
     assert len(server.received) == 1
+
+
+def test_an_async_step_retries_generate_async_and_the_flow_completes(
+    h: Harness, server: ChatServer
+) -> None:
+    server.replies += [Reply(status=429, body=error_body("slow down")), Reply(text="Tides, async")]
+    model = provider(server)
+
+    @h.app.flow("drafting-async", input=Topic)
+    async def drafting(f: Any) -> Any:
+        return await f.step(
+            "draft",
+            lambda: generate_async("Write about {topic}", model=model, input=f.input),
+            retry=Retry(attempts=3, backoff="fixed", initial=5.0, jitter=False),
+        )
+
+    run = drafting.run(input={"topic": "tides"})
+    h.drain()
+    state = run.state()
+    assert state.status == "suspended" and state.wake_kind == "retry"
+    [failure] = state.step_errors
+    assert failure.type == "crux_workers.errors.ModelHTTPError"
+    h.tick(6)
+    outcome = run.outcome()
+    assert outcome is not None and outcome.status == "completed", run.state().error
+    assert outcome.result == "Tides, async"
+    assert len(server.received) == 2

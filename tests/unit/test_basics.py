@@ -149,15 +149,18 @@ def test_public_names_are_pinned() -> None:
             "get_flow_async",
             "signal_flow_async",
             "consensus",
+            "consensus_async",
             "current_step",
             "default_app",
             "flow",
             "get_flow",
             "parallel",
+            "parallel_async",
             "publish_signal",
             "set_default_app",
             "signal_flow",
             "swarm",
+            "swarm_async",
         ]
     )
     for name in crux_workers.__all__:

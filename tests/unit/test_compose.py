@@ -6,15 +6,27 @@ import asyncio
 import contextvars
 import pickle
 import threading
+import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import pytest
 from pydantic import BaseModel
 
 from crux_workers import InvalidInput, current_step
-from crux_workers._compose import SwarmMessage, SwarmResult, consensus, parallel, swarm
+from crux_workers._compose import (
+    SwarmMessage,
+    SwarmResult,
+    consensus,
+    consensus_async,
+    parallel,
+    parallel_async,
+    swarm,
+    swarm_async,
+)
+from crux_workers._loop import flow_loop
 from crux_workers.errors import NoConsensus, Suspended
 from tests.support.harness import Harness
 
@@ -475,3 +487,380 @@ def test_the_checkpoint_api_is_refused_inside_a_branch(h: Harness) -> None:
     assert state.status == "failed"
     assert state.error is not None and state.error.traceback is not None
     assert "called from parallel branch 0" in state.error.traceback
+
+
+# -- async branches: tasks on a loop, no thread each -----------------------------------
+
+
+def meeting(n: int) -> Callable[[], Awaitable[int]]:
+    """An async branch that returns only once all n of its kind are running at once."""
+    barrier: asyncio.Barrier | None = None
+
+    async def branch() -> int:
+        nonlocal barrier
+        barrier = barrier or asyncio.Barrier(n)  # made on the loop the branches run on
+        return await asyncio.wait_for(barrier.wait(), BARRIER_TIMEOUT)
+
+    return branch
+
+
+def test_parallel_async_runs_coroutine_functions_as_tasks_of_the_callers_loop() -> None:
+    seen: list[tuple[str, int]] = []
+
+    async def branch() -> int:
+        seen.append((threading.current_thread().name, threading.active_count()))
+        return await meeting_of_three()
+
+    meeting_of_three = meeting(3)
+
+    async def main() -> list[Any]:
+        seen.append((threading.current_thread().name, threading.active_count()))
+        return await parallel_async(branch, branch, branch)
+
+    assert sorted(asyncio.run(main())) == [0, 1, 2]
+    caller, *branches = seen
+    # Every branch ran on the caller's thread, and no thread was started for them.
+    assert branches == [caller] * 3
+
+
+def test_the_blocking_forms_run_coroutine_functions_on_the_flow_loop() -> None:
+    flow_loop.loop()  # started once per process; not a thread of this call
+    before = threading.active_count()
+    threads: list[tuple[str, int]] = []
+    meet = meeting(3)
+
+    async def branch() -> int:
+        threads.append((threading.current_thread().name, threading.active_count()))
+        return await meet()
+
+    class Branch:
+        async def __call__(self) -> int:
+            return await branch()
+
+    # A coroutine function, a partial of one, and an object with an async __call__.
+    assert sorted(parallel(branch, partial(branch), Branch())) == [0, 1, 2]
+    assert threads == [("crux-flow-loop", before)] * 3
+    threads.clear()
+    assert consensus(meeting(3), 3, key=lambda _: "same") in (0, 1, 2)
+
+    async def agent(task: Any, transcript: Any) -> str:
+        threads.append((threading.current_thread().name, threading.active_count()))
+        return threading.current_thread().name
+
+    result = swarm([("a", agent), ("b", agent)], None, rounds=2)
+    assert set(result.last.values()) == {"crux-flow-loop"}
+    assert threads == [("crux-flow-loop", before)] * 4
+
+
+def test_three_async_sleeps_of_0_3_s_overlap() -> None:
+    async def nap() -> str:
+        await asyncio.sleep(0.3)
+        return "rested"
+
+    # Run one after another they would take at least 0.9 s.
+    started = time.monotonic()
+    assert parallel(nap, nap, nap) == ["rested"] * 3
+    assert time.monotonic() - started < 0.9
+
+    async def main() -> list[Any]:
+        return await parallel_async(nap, nap, nap)
+
+    started = time.monotonic()
+    assert asyncio.run(main()) == ["rested"] * 3
+    assert time.monotonic() - started < 0.9
+
+
+def test_plain_branches_of_the_awaitable_forms_run_in_threads() -> None:
+    loop_thread: list[str] = []
+    met = threading.Barrier(2, timeout=BARRIER_TIMEOUT)
+
+    def blocking() -> str:
+        met.wait()  # would deadlock the loop if called on it
+        return threading.current_thread().name
+
+    async def on_loop() -> str:
+        return threading.current_thread().name
+
+    async def main() -> list[Any]:
+        loop_thread.append(threading.current_thread().name)
+        # A lambda returning a coroutine is called in a thread, then awaited as a task.
+        return await parallel_async(blocking, on_loop, blocking, lambda: on_loop())
+
+    first, second, third, fourth = asyncio.run(main())
+    assert first.startswith("crux-parallel") and third.startswith("crux-parallel")
+    assert second == fourth == loop_thread[0]
+    assert not [name for name in compose_threads() if name.startswith("crux-parallel")]
+
+
+def test_max_workers_bounds_async_branches_too() -> None:
+    running = 0
+    peak = 0
+
+    async def branch() -> None:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep(0.01)
+        running -= 1
+
+    async def main() -> None:
+        await parallel_async(*[branch] * 5, max_workers=2)
+
+    asyncio.run(main())
+    assert peak == 2
+    peak = 0
+    parallel(*[branch] * 5, max_workers=2)
+    assert peak == 2
+
+
+def test_async_branches_see_the_callers_context_and_do_not_leak_into_it() -> None:
+    var: contextvars.ContextVar[str] = contextvars.ContextVar("test_async_var", default="unset")
+
+    def read_then_set(i: int) -> Callable[[], Any]:
+        async def branch() -> str:
+            seen = var.get()
+            var.set(f"branch {i}")
+            await asyncio.sleep(0)
+            assert var.get() == f"branch {i}"
+            return seen
+
+        return branch
+
+    def plain() -> str:
+        return var.get()
+
+    async def main() -> list[Any]:
+        var.set("async caller")
+        values = await parallel_async(read_then_set(0), read_then_set(1), plain)
+        assert var.get() == "async caller"
+        return values
+
+    assert asyncio.run(main()) == ["async caller"] * 3
+    var.set("caller")
+    assert parallel(read_then_set(0), read_then_set(1), plain) == ["caller"] * 3
+    assert var.get() == "caller"
+
+
+def test_async_failures_are_raised_together_after_the_others_finish() -> None:
+    finished = asyncio.Event()
+    first, second = ValueError("bad one"), KeyError("bad two")
+
+    def failing(exc: Exception) -> Callable[[], Any]:
+        async def branch() -> Any:
+            await asyncio.sleep(0)
+            raise exc
+
+        return branch
+
+    async def ok() -> str:
+        await asyncio.sleep(0.05)  # still working when the failures are raised
+        finished.set()
+        return "ok"
+
+    async def main() -> None:
+        await parallel_async(failing(first), ok, failing(second))
+
+    with pytest.raises(ExceptionGroup) as info:
+        asyncio.run(main())
+    group = info.value
+    assert group.message == "parallel: 2 of 3 branches failed"
+    assert group.exceptions == (first, second)
+    assert finished.is_set()
+    assert "in parallel branch 0" in (first.__notes__ or [])
+    assert "in parallel branch 2" in (second.__notes__ or [])
+
+    with pytest.raises(ExceptionGroup, match="parallel: 1 of 2 branches failed"):
+        parallel(ok, failing(ValueError("sync form")))
+
+
+def test_async_control_flow_is_reraised_unwrapped_and_stops_queued_branches() -> None:
+    calls = Calls()
+    stop = Suspended("approval")
+
+    async def raising(exc: BaseException) -> None:
+        raise exc
+
+    async def later() -> None:
+        calls.hit("later")
+
+    async def main() -> None:
+        await parallel_async(
+            partial(raising, ValueError("ignored")), partial(raising, stop), later, max_workers=1
+        )
+
+    with pytest.raises(Suspended) as info:
+        asyncio.run(main())
+    assert info.value is stop
+    with pytest.raises(Suspended):
+        parallel(partial(raising, stop), later, max_workers=1)
+    assert calls.counts["later"] == 0
+
+
+def test_cancelling_the_awaitable_form_cancels_the_branches_and_runs_their_finally() -> None:
+    cleaned: list[int] = []
+    started = 0
+
+    async def endless(i: int) -> None:
+        nonlocal started
+        started += 1
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            cleaned.append(i)
+
+    async def main() -> None:
+        fan_out = asyncio.ensure_future(parallel_async(*[partial(endless, i) for i in range(3)]))
+        for _ in range(100):  # bounded: the branches start on the next loop iterations
+            if started == 3:
+                break
+            await asyncio.sleep(0.01)
+        fan_out.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await fan_out
+
+    asyncio.run(main())
+    assert sorted(cleaned) == [0, 1, 2]
+
+
+def test_consensus_async_votes_like_consensus() -> None:
+    boom = RuntimeError("model down")
+
+    def voter(*values: Any) -> Callable[[], Any]:
+        plain = answers(*values)
+
+        async def ask() -> Any:
+            await asyncio.sleep(0)
+            return plain()
+
+        return ask
+
+    async def main() -> None:
+        assert await consensus_async(voter("yes", "no", "yes"), 3) == "yes"
+        assert await consensus_async(meeting(4), 4, key=lambda _: 1) in range(4)
+        assert await consensus_async(answers("a", "a", "b"), 3) == "a"  # plain fn, threads
+        with pytest.raises(NoConsensus) as info:
+            await consensus_async(voter("a", boom, "b", "", "a"), 5, key=lambda s: s[0])
+        assert info.value.counts == {"a": 2, "b": 1}
+        assert info.value.failed == 2
+        with pytest.raises(ExceptionGroup, match="3 of 3 runs failed"):
+            await consensus_async(voter(boom, boom, boom), 3)
+        with pytest.raises(InvalidInput, match="quorum"):
+            await consensus_async(voter("a"), 1, quorum=2)
+
+    asyncio.run(main())
+
+
+def test_swarm_async_runs_rounds_until_agreement() -> None:
+    rounds_seen: list[int] = []
+
+    async def proposer(task: int, transcript: tuple[SwarmMessage, ...]) -> int:
+        await asyncio.sleep(0)
+        return task + len(transcript)
+
+    def critic(task: int, transcript: tuple[SwarmMessage, ...]) -> str:  # plain: a thread
+        return "ok" if len(transcript) >= 4 else "again"
+
+    def agreed(transcript: tuple[SwarmMessage, ...]) -> bool:
+        rounds_seen.append(transcript[-1].round)
+        return bool(transcript[-1].output == "ok")
+
+    async def main() -> SwarmResult:
+        return await swarm_async({"p": proposer, "c": critic}, 10, rounds=5, until=agreed)
+
+    result = asyncio.run(main())
+    assert (result.rounds, result.converged) == (3, True)
+    assert result.last == {"p": 14, "c": "ok"}
+    assert rounds_seen == [1, 2, 3]
+
+    async def flaky(task: Any, transcript: Any) -> str:
+        if transcript:
+            raise ValueError("second round")
+        return "ok"
+
+    async def failing() -> SwarmResult:
+        return await swarm_async({"flaky": flaky}, None, rounds=3)
+
+    with pytest.raises(ExceptionGroup, match=r"swarm round 2: 1 of 1 agents failed"):
+        asyncio.run(failing())
+
+
+def test_sync_compositions_called_on_the_flow_loop_still_finish() -> None:
+    # Plain code inside an async step runs on the loop; it cannot wait for the loop it
+    # blocks, so the async branches get a private one.
+    async def branch() -> str:
+        await asyncio.sleep(0)
+        return "done"
+
+    async def on_loop() -> list[Any]:
+        return parallel(branch, branch)
+
+    assert flow_loop.run(on_loop()) == ["done", "done"]
+
+
+# -- async branches inside flows -------------------------------------------------------
+
+
+def test_async_branches_of_an_async_step_read_the_active_step(h: Harness) -> None:
+    @h.app.flow("keys-async", input=Empty)
+    async def keys(f: Any) -> Any:
+        async def key() -> str:
+            await asyncio.sleep(0)
+            return current_step().idempotency_key
+
+        async def agent(task: Any, transcript: Any) -> str:
+            return current_step().name
+
+        async def fan_out() -> dict[str, Any]:
+            return {
+                "parallel": await parallel_async(key, key, lambda: key()),
+                "consensus": await consensus_async(key, 3),
+                "swarm": (await swarm_async([agent], None, rounds=1)).last,
+                "blocking": parallel(key),
+            }
+
+        return await f.step("fan-out", fan_out)
+
+    run = keys.run(input={}, flow_id="flow-2")
+    h.drain()
+    outcome = run.outcome()
+    assert outcome is not None and outcome.status == "completed", run.state().error
+    assert outcome.result == {
+        "parallel": ["flow-2:fan-out:0"] * 3,
+        "consensus": "flow-2:fan-out:0",
+        "swarm": {"agent": "fan-out"},
+        "blocking": ["flow-2:fan-out:0"],
+    }
+
+
+def test_the_checkpoint_api_is_refused_inside_an_async_branch(h: Harness) -> None:
+    @h.app.flow("nested-async", input=Empty)
+    async def nested(f: Any) -> Any:
+        async def inner() -> Any:
+            return await f.step("inner", const(1))
+
+        return await f.step("outer", lambda: parallel_async(const(0), inner))
+
+    run = nested.run(input={})
+    h.drain()
+    state = run.state()
+    assert state.status == "failed"
+    assert state.error is not None and state.error.traceback is not None
+    assert "step 'inner' called from parallel branch 1" in state.error.traceback
+
+
+def test_the_checkpoint_api_is_refused_inside_an_async_branch_of_a_sync_step(
+    h: Harness,
+) -> None:
+    @h.app.flow("nested-sync", input=Empty)
+    def nested(f: Any) -> Any:
+        async def inner() -> Any:
+            return f.step("inner", const(1))
+
+        return f.step("outer", lambda: parallel(inner))
+
+    run = nested.run(input={})
+    h.drain()
+    state = run.state()
+    assert state.status == "failed"
+    assert state.error is not None and state.error.traceback is not None
+    assert "step 'inner' called from parallel branch 0" in state.error.traceback
