@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import os
 import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+log = logging.getLogger("crux_workers.flow")
 
 
 class FlowLoop:
@@ -66,7 +68,15 @@ class FlowLoop:
 def _serve(loop: asyncio.AbstractEventLoop, ready: threading.Event) -> None:
     asyncio.set_event_loop(loop)
     loop.call_soon(ready.set)
-    loop.run_forever()
+    while True:
+        try:
+            loop.run_forever()
+            return
+        except BaseException:
+            # A task raised SystemExit or KeyboardInterrupt: asyncio hands it to the task's
+            # waiter and also out of run_forever. The loop serves every flow of the process,
+            # so it keeps running.
+            log.exception("a task on the flow loop raised a process-level exception")
 
 
 flow_loop = FlowLoop()
