@@ -45,6 +45,7 @@ class Worker:
         concurrency: int = 1,
         imports: str = "tests.integration.flows",
         extra: tuple[str, ...] = (),
+        pool: str = "prefork",
     ) -> None:
         self.name = name
         self.log = log_dir / f"{name}.log"
@@ -56,7 +57,7 @@ class Worker:
             "--import",
             imports,
             "--pool",
-            "prefork",
+            pool,
             "--concurrency",
             str(concurrency),
             "--loglevel",
