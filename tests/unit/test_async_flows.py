@@ -7,6 +7,8 @@ and a cancel that reaches a running async step at its current ``await``.
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -432,3 +434,48 @@ def test_sync_handler_async_step_cancelled_by_itself_is_a_step_failure(h: Harnes
     run = flow.run(input={})
     h.drain()
     assert run.state().status == "failed"
+
+
+_PARALLEL_IN_ASYNC_STEP = """
+import asyncio, threading, os, sys
+from pydantic import BaseModel
+from crux_workers import parallel
+from tests.unit.conftest import Harness
+
+class Empty(BaseModel):
+    pass
+
+h = Harness()
+
+async def one(i):
+    await asyncio.sleep(0.01)
+    return i
+
+@h.app.flow("parallel-in-async-step", input=Empty)
+async def flow(f):
+    return await f.step("fan", lambda: parallel(lambda: one(1), lambda: one(2)))
+
+run = flow.run(input={})
+t = threading.Thread(target=h.drain, daemon=True)
+t.start()
+t.join(10)
+print("deadlocked" if t.is_alive() else run.state().status, flush=True)
+os._exit(0)
+"""
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug in _compose/_context.call_maybe_async: the blocking parallel() with async "
+    "branches, called from an async step, waits on the flow loop it is blocking (deadlock)",
+)
+def test_blocking_parallel_with_async_branches_inside_an_async_step() -> None:
+    # In a subprocess: the deadlock would block this process's flow loop for good.
+    done = subprocess.run(
+        [sys.executable, "-c", _PARALLEL_IN_ASYNC_STEP],
+        cwd=Path(__file__).resolve().parents[2],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.stdout.strip().splitlines()[-1] == "completed", done.stdout + done.stderr
