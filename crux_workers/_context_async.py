@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel
 
 from . import _json
-from ._context import FlowContext, InputT, _current_step
+from ._context import FlowContext, InputT, _branch, _current_step
 from ._durations import Duration
 from ._models import Retry
 from ._store._clock import utcnow
+from .errors import NonRetryableError, StepFailed
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -31,6 +33,24 @@ class AsyncFlowContext(Generic[InputT]):
         self._core = core
         self.flow_id = core.flow_id
         self.input: InputT = core.input
+        # The checkpoint call in progress: checkpoints are taken in the handler's order,
+        # which concurrent calls (asyncio.gather of f.step) cannot give.
+        self._active: str | None = None
+
+    @contextmanager
+    def _one_at_a_time(self, what: str) -> Iterator[None]:
+        # Branches of parallel/consensus/swarm get the core's own message instead.
+        if self._active is not None and _branch.get() is None:
+            raise NonRetryableError(
+                f"{what} called while {self._active} is still running: an async flow "
+                "awaits its checkpoints one at a time (await each in turn, and put "
+                "concurrent work inside one step)"
+            )
+        self._active = what
+        try:
+            yield
+        finally:
+            self._active = None
 
     @property
     def replaying(self) -> bool:
@@ -47,22 +67,25 @@ class AsyncFlowContext(Generic[InputT]):
         without calling ``fn``.
         """
         core = self._core
-        seq, occurrence, cp = core._open_step(name, fn)
-        if cp is not None:
-            return _json.loads(cp.result)
-        started = utcnow()
-        attempt, value = await self._run_user_code(seq, name, occurrence, fn, retry)
-        return core._commit_value("step", seq, name, occurrence, value, started, attempt)
+        with self._one_at_a_time(f"step {name!r}"):
+            seq, occurrence, cp = core._open_step(name, fn)
+            if cp is not None:
+                return _json.loads(cp.result)
+            started = utcnow()
+            attempt, value = await self._run_user_code(seq, name, occurrence, fn, retry)
+            return core._commit_value("step", seq, name, occurrence, value, started, attempt)
 
     async def suspend(
         self, name: str, *, schema: type[M] | None = None, timeout: Duration | None = None
     ) -> Any:
         """The payload of the next signal called ``name`` (see ``FlowContext.suspend``)."""
-        return self._core.suspend(name, schema=schema, timeout=timeout)
+        with self._one_at_a_time(f"suspend {name!r}"):
+            return self._core.suspend(name, schema=schema, timeout=timeout)
 
     async def sleep(self, name: str, duration: Duration) -> None:
         """Durable sleep: the flow suspends and a timer in the record wakes it."""
-        self._core.sleep(name, duration)
+        with self._one_at_a_time(f"sleep {name!r}"):
+            self._core.sleep(name, duration)
 
     async def wait_until(
         self,
@@ -74,12 +97,13 @@ class AsyncFlowContext(Generic[InputT]):
     ) -> Any:
         """The first truthy value of ``condition()`` (sync or async), checked every ``every``."""
         core = self._core
-        point, cp = core._open_wait(name, condition, every, timeout)
-        if cp is not None:
-            return _json.loads(cp.result)
-        started = utcnow()
-        _, value = await self._run_user_code(point.seq, name, point.occurrence, condition, None)
-        return core._settle_wait(point, every, value, started)
+        with self._one_at_a_time(f"wait_until {name!r}"):
+            point, cp = core._open_wait(name, condition, every, timeout)
+            if cp is not None:
+                return _json.loads(cp.result)
+            started = utcnow()
+            _, value = await self._run_user_code(point.seq, name, point.occurrence, condition, None)
+            return core._settle_wait(point, every, value, started)
 
     async def run_task(
         self,
@@ -92,9 +116,10 @@ class AsyncFlowContext(Generic[InputT]):
         **kwargs: Any,
     ) -> Any:
         """Run a Celery task durably and return its result (see ``FlowContext.run_task``)."""
-        return self._core.run_task(
-            name, task, *args, retry=retry, resend_after=resend_after, **kwargs
-        )
+        with self._one_at_a_time(f"run_task {name!r}"):
+            return self._core.run_task(
+                name, task, *args, retry=retry, resend_after=resend_after, **kwargs
+            )
 
     async def _run_user_code(
         self, seq: int, name: str, occurrence: int, fn: Callable[[], Any], retry: Retry | None
@@ -113,10 +138,16 @@ class AsyncFlowContext(Generic[InputT]):
             with x.keep_lease(), x.on_cancel(cancel):
                 try:
                     return attempt, await task
-                except asyncio.CancelledError:
-                    if task.cancelled() and x.cancel_seen.is_set():
+                except asyncio.CancelledError as exc:
+                    if x.cancel_seen.is_set():
                         x.stop_cancelled(name)
-                    raise
+                    current = asyncio.current_task()
+                    if current is not None and current.cancelling():
+                        raise
+                    # No cancel of the flow: the step's own code was cancelled (a task
+                    # it awaited, a library's scope). A failure like any other.
+                    failure = StepFailed.from_exception(exc, step=name, attempt=attempt)
+                    x.step_failed(seq, name, attempt, failure, retry)
         except Exception as exc:
             core._step_raised(seq, name, attempt, exc, retry)
         finally:

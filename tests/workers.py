@@ -48,6 +48,7 @@ class Worker:
         concurrency: int = 1,
         imports: str = "tests.integration.flows",
         extra: tuple[str, ...] = (),
+        pool: str = "prefork",
     ) -> None:
         self.name = name
         self.log = log_dir / f"{name}.log"
@@ -59,7 +60,7 @@ class Worker:
             "--import",
             imports,
             "--pool",
-            "prefork",
+            pool,
             "--concurrency",
             str(concurrency),
             "--loglevel",
