@@ -7,7 +7,8 @@ migrates a fresh database, measures, prints a markdown report and stops everythi
 
 1. In process, no Celery (a dispatcher that only records enqueues), driven by
    ``app.execute``: ms/step of K no-op steps; ms/resume (signal + execute) of a flow
-   suspended after 0 or 100 completed steps; the SQL and Redis traffic of each.
+   suspended after 0 or 100 completed steps; the SQL and Redis traffic of each; the
+   same for the same flows written as ``async def`` handlers (run on the flow loop).
 2. A real ``crux-workers worker`` (prefork, concurrency 1): ``run()`` to completed of
    1- and 10-step flows, signal to completed, and a raw Celery task hop for context.
 """
@@ -38,7 +39,7 @@ import psycopg
 import redis
 import sqlalchemy
 
-from bench.overhead_flows import RAW_TASK, Steps, Ticks, define
+from bench.overhead_flows import RAW_TASK, Steps, Ticks, define, define_async
 from crux_workers import Crux, FlowHandle, Settings
 from crux_workers._store._migrate import upgrade
 from crux_workers._store._sql import make_engine
@@ -325,6 +326,10 @@ LABELS = {
     "r100": "in-process: per resume (signal + execute), 100 steps before",
     "r100_sig": "... of which `signal_flow`",
     "r100_exe": "... of which `execute`",
+    "a_step": "in-process, async def handler: per step, wall (K={k}, ms/step)",
+    "a_step_cpu": "in-process, async def handler: per step, CPU (K={k}, ms/step)",
+    "a_r0": "in-process, async def handler: per resume, 0 steps before",
+    "a_r100": "in-process, async def handler: per resume, 100 steps before",
     "pg_rt": "baseline: psycopg `SELECT 1` round trip",
     "redis_rt": "baseline: Redis PING round trip",
     "raw_step": "baseline: a step's writes by hand (same 4 PG round trips + 1 Redis pipeline)",
@@ -362,16 +367,24 @@ def main() -> None:
         settings = Settings(database_url=pg_url, redis_url=redis_url)
         app = Crux(settings, dispatcher=Recorder())
         steps, ticks = define(app)
-        bench_steps(steps, a.k, 5)  # warm-up: connections, compiled-statement caches
-        bench_resumes(ticks, 100, 3, 1)
+        asteps, aticks = define_async(app)
+        for s_h, t_h in ((steps, ticks), (asteps, aticks)):
+            bench_steps(s_h, a.k, 5)  # warm-up: connections, compiled-statement caches
+            bench_resumes(t_h, 100, 3, 1)
 
         def in_process() -> Samples:
-            return (
+            sync = (
                 bench_steps(steps, a.k, a.flows)
                 | bench_resumes(ticks, 0, a.ticks, a.resume_flows)
                 | bench_resumes(ticks, 100, a.ticks, a.resume_flows)
-                | baselines(steps, pg_url, r)
             )
+            # The same flows as async def handlers, interleaved with the sync ones.
+            asyn = (
+                bench_steps(asteps, a.k, a.flows)
+                | bench_resumes(aticks, 0, a.ticks, a.resume_flows)
+                | bench_resumes(aticks, 100, a.ticks, a.resume_flows)
+            )
+            return sync | {f"a_{k}": v for k, v in asyn.items()} | baselines(steps, pg_url, r)
 
         got = repeat(a.reps, in_process)
         counts = traffic(steps, ticks, r)

@@ -18,6 +18,8 @@ from crux_workers import Crux, FlowContext, FlowHandle, default_app
 
 STEPS = "bench_steps"  # identifiers: before a67d646 a "." or "-" broke Celery registration
 TICKS = "bench_ticks"
+ASTEPS = "bench_steps_async"
+ATICKS = "bench_ticks_async"
 RAW_TASK = "bench.raw_incr"
 
 
@@ -50,6 +52,30 @@ def ticks_flow(f: FlowContext[Ticks]) -> int:
     for i in range(f.input.post):
         f.step(f"p{i}", partial(_noop, i))
     return f.input.ticks
+
+
+async def steps_flow_async(f: Any) -> int:
+    for i in range(f.input.n):
+        await f.step(f"s{i}", partial(_noop, i))
+    return int(f.input.n)
+
+
+async def ticks_flow_async(f: Any) -> int:
+    for i in range(f.input.pre):
+        await f.step(f"s{i}", partial(_noop, i))
+    for _ in range(f.input.ticks):
+        await f.suspend(f.input.signal)
+    for i in range(f.input.post):
+        await f.step(f"p{i}", partial(_noop, i))
+    return int(f.input.ticks)
+
+
+def define_async(app: Crux) -> tuple[FlowHandle[Steps], FlowHandle[Ticks]]:
+    """The same flows as ``async def`` handlers (same checkpoints)."""
+    return (
+        app.flow(ASTEPS, input=Steps)(steps_flow_async),
+        app.flow(ATICKS, input=Ticks)(ticks_flow_async),
+    )
 
 
 def define(app: Crux) -> tuple[FlowHandle[Steps], FlowHandle[Ticks]]:

@@ -226,7 +226,8 @@ def _run_branches(kind: str, calls: Calls, max_workers: int | None) -> list[_Out
     """The blocking runner: threads only, or the flow loop when a branch is async."""
     if not calls:
         return []
-    if not any(_is_async(fn) for _, fn in calls):
+    on_loop = flow_loop.on_loop_thread()
+    if not on_loop and not any(_is_async(fn) for _, fn in calls):
         return _run_in_threads(kind, calls, max_workers)
     plain = sum(not _is_async(fn) for _, fn in calls)
     # Made (and, leaving the with-block, joined) in the calling thread, so no thread
@@ -234,8 +235,9 @@ def _run_branches(kind: str, calls: Calls, max_workers: int | None) -> list[_Out
     pool = _thread_pool(kind, plain, max_workers) if plain else None
     with pool or contextlib.nullcontext():
         gather = _gather(kind, calls, max_workers, pool)
-        if flow_loop.on_loop_thread():
-            # Sync code running on the flow loop cannot wait for the loop it blocks.
+        if on_loop:
+            # Sync code running on the flow loop cannot wait for the loop it blocks: every
+            # branch, and any awaitable a plain branch hands back, goes to a private loop.
             outcomes = _run_on_private_loop(kind, gather)
         else:
             # submit() runs the coroutine in a copy of this thread's context.

@@ -103,32 +103,67 @@ def call_maybe_async(fn: Callable[[], Any], on_cancel: CancelHook | None = None)
     """Call ``fn``; if it returns an awaitable, run it on the process's flow loop.
 
     With ``on_cancel``, a cancel request seen while the awaitable runs cancels it at
-    its current ``await`` and raises ``StepInterrupted`` here.
+    its current ``await``; once it has unwound (its ``finally`` blocks ran), this
+    raises ``StepInterrupted``. A ``CancelledError`` of the step's own making is a
+    failure of the step like any other.
     """
     value = fn()
     if not inspect.isawaitable(value):
         return value
     awaitable = value
 
-    async def _await() -> Any:
-        return await awaitable
-
     if flow_loop.on_loop_thread():
         # A sync call made from async code on the loop itself: it cannot block the loop
         # it waits for, so it runs on a private loop in a private thread.
+        async def _await() -> Any:
+            return await awaitable
+
         return _run_on_private_loop(_await())
-    future = flow_loop.submit(_await())
+    box: dict[str, asyncio.Task[Any]] = {}
+    interrupted = threading.Event()
+
+    async def _step() -> Any:
+        # A task of its own, so the cancel reaches the step's coroutine and this call
+        # still waits for it to unwind.
+        task = asyncio.ensure_future(awaitable)
+        box["task"] = task
+        return await task
+
+    future = flow_loop.submit(_step())
     if on_cancel is None:
-        return future.result()
+        return _result(future)
 
     def cancel() -> None:
-        future.cancel()
+        interrupted.set()
+        loop = flow_loop.loop()
+
+        def _cancel() -> None:
+            task = box.get("task")
+            if task is not None:
+                task.cancel()
+            else:  # not started yet
+                future.cancel()
+
+        loop.call_soon_threadsafe(_cancel)
 
     with on_cancel(cancel):
         try:
-            return future.result()
-        except concurrent.futures.CancelledError:
-            raise StepInterrupted() from None
+            return _result(future)
+        except _OwnCancel:
+            if interrupted.is_set():
+                raise StepInterrupted() from None
+            raise RuntimeError("the step's coroutine was cancelled by its own code") from None
+
+
+class _OwnCancel(Exception):
+    """The step's coroutine ended cancelled (by the flow's cancel, or by its own code)."""
+
+
+def _result(future: concurrent.futures.Future[Any]) -> Any:
+    try:
+        return future.result()
+    except (concurrent.futures.CancelledError, asyncio.CancelledError):
+        raise _OwnCancel() from None
 
 
 def _run_on_private_loop(coro: Any) -> Any:

@@ -17,8 +17,8 @@ import pytest
 
 from crux_workers import FlowHandle, FlowRun
 from tests.integration import async_flows
+from tests.support.fleet import Fleet
 
-from .conftest import Fleet
 from .test_fleet import _in_group, step_commits, wait_status
 from .test_run_task import ChildWorker
 

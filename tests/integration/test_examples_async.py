@@ -13,9 +13,9 @@ import pytest
 
 from crux_workers import FlowNotWaiting
 from crux_workers._store._types import FlowFilter
+from tests.support.fleet import Fleet
 from tests.workers import REPO
 
-from .conftest import Fleet
 from .test_examples import ARTICLE, app_process, wait_state
 
 

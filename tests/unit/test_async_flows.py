@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pytest
 from pydantic import BaseModel
 
 from crux_workers import (
@@ -25,8 +24,7 @@ from crux_workers import (
     current_step,
 )
 from crux_workers._store._cache import MemoryStepCache
-
-from .conftest import Harness, QueueDispatcher
+from tests.support.harness import Harness, QueueDispatcher
 
 
 class Empty(BaseModel):
@@ -389,11 +387,6 @@ async def _append(calls: list[str], v: str) -> str:
     return v
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug in _context.call_maybe_async: a cancel marks the flow cancelled before the "
-    "async step's finally blocks ran (the concurrent future is cancelled, not awaited)",
-)
 def test_sync_handler_async_step_finally_runs_before_the_flow_is_cancelled(h: Harness) -> None:
     events: list[str] = []
 
@@ -415,11 +408,6 @@ def test_sync_handler_async_step_finally_runs_before_the_flow_is_cancelled(h: Ha
     assert events == ["finally"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug in _context.call_maybe_async: a CancelledError raised by the step's own "
-    "code (no cancel of the flow) ends the flow 'cancelled' instead of failing the step",
-)
 def test_sync_handler_async_step_cancelled_by_itself_is_a_step_failure(h: Harness) -> None:
     async def cancels_itself() -> None:
         inner = asyncio.ensure_future(asyncio.sleep(10))
@@ -440,7 +428,7 @@ _PARALLEL_IN_ASYNC_STEP = """
 import asyncio, threading, os, sys
 from pydantic import BaseModel
 from crux_workers import parallel
-from tests.unit.conftest import Harness
+from tests.support.harness import Harness
 
 class Empty(BaseModel):
     pass
@@ -464,11 +452,6 @@ os._exit(0)
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug in _compose/_context.call_maybe_async: the blocking parallel() with async "
-    "branches, called from an async step, waits on the flow loop it is blocking (deadlock)",
-)
 def test_blocking_parallel_with_async_branches_inside_an_async_step() -> None:
     # In a subprocess: the deadlock would block this process's flow loop for good.
     done = subprocess.run(
