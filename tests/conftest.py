@@ -1,7 +1,7 @@
 """Fixtures for the session's real Postgres and Redis; the shared hooks are a plugin.
 
 The servers start lazily, for the first test that asks for them, so the tier without
-servers (``pytest -m "not servers"``, see docs/testing.md) starts none. The fixture bodies
+servers (``pytest -m "not servers"``, see docs/development.md) starts none. The fixture bodies
 live in tests/support (postgres.py, redis.py), the markers and hooks in tiers.py and
 plugin.py there.
 """
