@@ -97,6 +97,14 @@ def make_celery(crux: Crux) -> Celery:
         broker_connection_retry_on_startup=True,
         worker_consumer="crux_workers._tasks:SafeConsumer",
     )
+    # -- trust boundary (docs/security.md): no remote control unless asked for; the
+    # health checks read a heartbeat file instead of pinging over the broker.
+    app.conf.worker_enable_remote_control = s.remote_control
+    if s.health_file:
+        from ._health import heartbeat_step
+
+        app.steps["consumer"].add(heartbeat_step(s.health_file))
+    # -- end trust boundary
     app.conf.beat_schedule = {
         "crux-sweep": {
             "task": SWEEP_TASK,

@@ -16,7 +16,7 @@ from tests.workers import Service
 
 from .conftest import FaultFleet
 
-SECRET = "fuzz-secret"
+SECRET = "fuzz-secret-of-at-least-32-bytes-long"
 json_values = st.recursive(
     st.none()
     | st.booleans()
