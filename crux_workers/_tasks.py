@@ -193,10 +193,11 @@ def register_flow_task(app: Celery, crux: Crux, defn: FlowDef) -> Any:
 
 
 def publish_json(app: Celery, queue_name: str, body: str, headers: dict[str, str]) -> None:
-    """Publish a JSON text as is (no Celery task envelope) on a durable queue."""
-    from kombu.entity import Queue
+    """Publish a JSON text as is (no Celery task envelope) on a durable queue.
 
-    queue = Queue(queue_name, routing_key=queue_name, durable=True)
+    Nothing is declared: on Redis a queue is a list that LPUSH creates, and a publisher
+    whose broker user may only LPUSH to that list (docs/security.md) can publish.
+    """
     with app.producer_or_acquire() as producer:
         producer.publish(
             body,
@@ -206,7 +207,6 @@ def publish_json(app: Celery, queue_name: str, body: str, headers: dict[str, str
             content_encoding="utf-8",
             headers=headers,
             delivery_mode=2,
-            declare=[queue],
             retry=True,
             retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5},
         )

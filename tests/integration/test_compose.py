@@ -31,6 +31,7 @@ from crux_workers._tasks import START_PRIORITY
 from crux_workers.cli import main as cli_main
 from tests.deployment import (
     REPO,
+    InterpolationError,
     ServiceProcess,
     copy_sources,
     dockerfile,
@@ -42,9 +43,11 @@ from tests.deployment import (
     image_workdir,
     import_guard,
     interpolate,
+    interpolate_all,
     load_compose,
     load_manifests,
     local_argv,
+    localise_paths,
     localise_urls,
     parse_duration,
     process_env,
@@ -65,9 +68,23 @@ SIGNUP = {
     "checkin_every": "1s",
 }
 VERIFIED = {"verified_at": "2026-11-21T10:00:00Z"}
-SECRET = "compose-test-signal-key"
+SECRET = "compose-test-signal-key-of-32-bytes-or-more"
+# The passwords compose requires (no fallbacks), as an operator's .env would hold them.
+PASSWORDS = {
+    "POSTGRES_PASSWORD": "pg-test-password",
+    "REDIS_BROKER_PASSWORD": "broker-test-password",
+    "REDIS_CACHE_PASSWORD": "cache-test-password",
+    "REDIS_PUBLISHER_PASSWORD": "publisher-test-password",
+}
 # What an operator would put in .env: a faster sweep so the test sees beat work quickly.
-SHELL = {"CRUX_SWEEP_INTERVAL": "1s", "WORKER_CONCURRENCY": "2", "CRUX_SIGNAL_SECRET": SECRET}
+SHELL = {
+    **PASSWORDS,
+    "CRUX_SWEEP_INTERVAL": "1s",
+    "WORKER_CONCURRENCY": "2",
+    "CRUX_SIGNAL_SECRET": SECRET,
+}
+# A user the test adds to its redis-servers (after the compose file's own) to inspect them.
+ADMIN = ("test-admin", "test-admin-password")
 _db_numbers = itertools.count(1)
 
 
@@ -79,11 +96,20 @@ def settings_kwargs(env: dict[str, str]) -> dict[str, Any]:
     return {k.removeprefix("CRUX_").lower(): v for k, v in env.items() if k.startswith("CRUX_")}
 
 
-def redis_client(url: str) -> redis.Redis:
+def redis_client(url: str, user: tuple[str, str] | None = None) -> redis.Redis:
+    """A client of ``url``; as ``user`` (name, password) when given, else the URL's own."""
     parts = urlsplit(url)
     assert parts.hostname == "127.0.0.1" and parts.port, url  # loopback only
     db = int(parts.path.lstrip("/") or 0)
-    return redis.Redis(host=parts.hostname, port=parts.port, db=db, socket_timeout=10)
+    name, password = user or (parts.username, parts.password)
+    return redis.Redis(
+        host=parts.hostname,
+        port=parts.port,
+        db=db,
+        username=name,
+        password=password,
+        socket_timeout=10,
+    )
 
 
 def wait_for(what: str, check: Any, timeout: float = 30) -> Any:
@@ -144,6 +170,13 @@ class Stack:
             "no",
             "--logfile",
             str(data / "redis.log"),
+            "--user",
+            ADMIN[0],
+            "on",
+            f">{ADMIN[1]}",
+            "~*",
+            "&*",
+            "+@all",
         ]
         proc = ServiceProcess(name, argv, {"PATH": "/usr/local/bin:/usr/bin:/bin"}, self.tmp)
         self.processes.append(proc)
@@ -163,7 +196,7 @@ class Stack:
     def env(self, name: str) -> dict[str, str]:
         """The service's environment as written, with loopback URLs for the services."""
         written = service_environment(self.services[name], self.shell)
-        env = localise_urls(written, self.urls)
+        env = localise_paths(localise_urls(written, self.urls), self.tmp)
         for key, value in env.items():
             if "://" in value:  # nothing may reach past this machine
                 assert urlsplit(value).hostname == "127.0.0.1", f"{name}: {key}={value}"
@@ -247,8 +280,8 @@ def test_compose_migrate_worker_and_beat_run_the_onboarding_flow(stack: Stack) -
     assert db_revision(db_url) == head_revision()
 
     app = stack.app("worker")
-    broker = redis_client(stack.urls["redis-broker"])
-    cache = redis_client(stack.urls["redis-cache"])
+    broker = redis_client(stack.urls["redis-broker"], ADMIN)
+    cache = redis_client(stack.urls["redis-cache"], ADMIN)
     try:
         onboarding = onboarding_on(app)
         queue = stack.env("worker")["CRUX_QUEUE"]
@@ -293,6 +326,8 @@ def test_compose_migrate_worker_and_beat_run_the_onboarding_flow(stack: Stack) -
             health, cwd=REPO, env=worker_env, capture_output=True, text=True, timeout=timeout
         )
         assert done.returncode == 0, done.stdout + done.stderr
+        # No remote control: the worker answers no ping (nor a shutdown broadcast).
+        assert app.celery.control.ping(timeout=1.0) == []
 
         # `docker stop`: SIGTERM, a warm shutdown within the grace period.
         for name in ("worker", "beat"):
@@ -317,10 +352,13 @@ def test_compose_ingress_records_published_signals_signed_with_the_shared_secret
     stack.migrate()
     ingress_env = stack.env("ingress")
     assert ingress_env.get("CRUX_SIGNAL_SECRET") == SECRET  # passed through from .env
-    publisher = stack.app("ingress")
-    forger = stack.app("ingress", signal_secret="not-the-shared-secret")
+    publisher_url = broker_url_as(stack, "publisher")
+    starter = stack.app("ingress")
+    # Other services publish as the broker's `publisher` user, which may only LPUSH.
+    publisher = Crux(Settings(broker_url=publisher_url, signal_secret=SECRET))
+    forger = Crux(Settings(broker_url=publisher_url, signal_secret="f" * 32 + "not-the-secret"))
     try:
-        onboarding = onboarding_on(publisher)
+        onboarding = onboarding_on(starter)
         stack.start("worker").wait_log(b"ready.")
         ingress = stack.start("ingress")
         run = onboarding.run(input=SIGNUP)
@@ -341,8 +379,76 @@ def test_compose_ingress_records_published_signals_signed_with_the_shared_secret
         ingress.stop_signal()
         assert ingress.wait_exit(timeout=stack.grace("ingress")) == 0, ingress.tail()
     finally:
+        starter.close()
         publisher.close()
         forger.close()
+
+
+def broker_url_as(stack: Stack, user: str) -> str:
+    """The local broker's URL as one of the compose file's broker users."""
+    local = urlsplit(stack.urls["redis-broker"])
+    password = PASSWORDS[f"REDIS_{'BROKER' if user == 'crux' else user.upper()}_PASSWORD"]
+    return local._replace(netloc=f"{user}:{password}@{local.netloc}").geturl()
+
+
+def test_compose_broker_users_publisher_may_only_push_signals(stack: Stack) -> None:
+    signals = Settings.model_fields["signal_queue"].default
+    flows_queue = stack.env("worker")["CRUX_QUEUE"]
+    with (
+        redis_client(broker_url_as(stack, "publisher")) as publisher,
+        redis_client(broker_url_as(stack, "crux")) as fleet,
+        redis_client(stack.urls["redis-broker"]) as anonymous,
+    ):
+        assert publisher.lpush(signals, "{}") == 1
+        refused = [
+            ("LPUSH", flows_queue, "{}"),
+            ("LPUSH", f"{flows_queue}:{START_PRIORITY}", "{}"),
+            ("RPUSH", signals, "{}"),
+            ("LRANGE", signals, "0", "-1"),
+            ("RPOP", signals),
+            ("DEL", signals),
+            ("PUBLISH", "/0.celery.pidbox", "{}"),
+            ("KEYS", "*"),
+            ("SET", "x", "1"),
+            ("FLUSHALL",),
+            ("CONFIG", "GET", "*"),
+        ]
+        for command in refused:
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                publisher.execute_command(*command)
+        # Without a password: PING (the health check), nothing else.
+        assert anonymous.ping()
+        for command in (("LPUSH", signals, "{}"), ("KEYS", "*"), ("GET", "x")):
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                anonymous.execute_command(*command)
+        # The fleet's user works the queues, but cannot administer or wipe the broker.
+        assert fleet.llen(signals) == 1 and fleet.rpop(signals) == b"{}"
+        for command in (("CONFIG", "GET", "*"), ("FLUSHALL",), ("SHUTDOWN",), ("ACL", "LIST")):
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                fleet.execute_command(*command)
+        with pytest.raises(redis.exceptions.AuthenticationError):
+            redis_client(broker_url_as(stack, "crux").replace("broker-test", "wrong")).ping()
+    with redis_client(stack.urls["redis-cache"]) as anonymous_cache:
+        assert anonymous_cache.ping()
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            anonymous_cache.get("x")
+
+
+def test_compose_requires_every_password() -> None:
+    services = load_compose()["services"]
+    for missing in PASSWORDS:
+        shell = {k: v for k, v in PASSWORDS.items() if k != missing}
+        refused = []
+        for name, service in services.items():
+            try:
+                interpolate_all(service, shell)
+            except InterpolationError as exc:
+                assert missing in str(exc)
+                refused.append(name)
+        assert refused, f"compose starts without {missing}"
+    # No fallback password anywhere in the file.
+    text = (REPO / "docker-compose.yml").read_text()
+    assert not re.findall(r"\$\{\w*PASSWORD:?-", text)
 
 
 # -- docker-compose.yml, read -----------------------------------------------------------------
@@ -394,6 +500,7 @@ def test_compose_file_shape() -> None:
     def redis_options(name: str) -> dict[str, str]:
         args = services[name]["command"]
         assert args[0] == "redis-server"
+        args = args[: args.index("--user")] if "--user" in args else args
         return {k.lstrip("-"): v for k, v in zip(args[1::2], args[2::2], strict=True)}
 
     broker, cache = redis_options("redis-broker"), redis_options("redis-cache")
@@ -404,7 +511,7 @@ def test_compose_file_shape() -> None:
     assert cache.get("appendonly") == "no"
 
     # Each URL points at the right server.
-    env = service_environment(services["worker"], {})
+    env = service_environment(services["worker"], PASSWORDS)
     assert urlsplit(env["CRUX_DATABASE_URL"]).hostname == "postgres"
     assert urlsplit(env["CRUX_BROKER_URL"]).hostname == "redis-broker"
     assert urlsplit(env["CRUX_REDIS_URL"]).hostname == "redis-cache"
@@ -412,7 +519,7 @@ def test_compose_file_shape() -> None:
     # Every crux service is configured the same way; the signal secret only reaches the
     # ingress (publishers sign with it, the workers never see it).
     for name in CRUX_SERVICES:
-        got = service_environment(services[name], {"CRUX_SIGNAL_SECRET": "x"})
+        got = service_environment(services[name], {**PASSWORDS, "CRUX_SIGNAL_SECRET": "x"})
         assert (got.pop("CRUX_SIGNAL_SECRET", None) == "x") == (name == "ingress"), name
         assert got == env, name
 
@@ -420,12 +527,12 @@ def test_compose_file_shape() -> None:
 def test_compose_settings_are_known_and_their_defaults_match_the_code() -> None:
     services = load_compose()["services"]
     for name in CRUX_SERVICES:
-        env = service_environment(services[name], {"CRUX_SIGNAL_SECRET": "x"})
+        env = service_environment(services[name], {**PASSWORDS, "CRUX_SIGNAL_SECRET": SECRET})
         # Refuses unknown settings and bad values, as every service would at start.
         Settings(**settings_kwargs(env))
     # A compose default that drifted from the code's default would be a silent fork.
     written = services["worker"]["environment"]
-    env = service_environment(services["worker"], {})
+    env = service_environment(services["worker"], PASSWORDS)
     defaults = Settings()
     for key, value in written.items():
         if isinstance(value, str) and value.startswith("${" + key + ":-"):
@@ -434,7 +541,10 @@ def test_compose_settings_are_known_and_their_defaults_match_the_code() -> None:
             assert parsed == getattr(defaults, field), key
     grace = parse_duration(services["worker"]["stop_grace_period"])
     assert grace < Settings(visibility_timeout=env["CRUX_VISIBILITY_TIMEOUT"]).visibility_timeout
-    assert parse_duration(services["worker"]["healthcheck"]["timeout"]) > 5.0  # ping waits 5 s
+    # Shipped safe: no remote control, and a health check that does not need it.
+    assert Settings(**settings_kwargs(env)).remote_control is False
+    assert services["worker"]["healthcheck"]["test"][1:3] == ["crux-workers", "health"]
+    assert env["CRUX_HEALTH_FILE"].startswith("/tmp/")
 
 
 def test_compose_commands_are_crux_cli_commands() -> None:
