@@ -29,6 +29,7 @@ from crux_workers import Crux, FlowHandle, FlowRun, Settings, default_app, set_d
 from crux_workers._store._migrate import current_revision, head_revision
 from crux_workers._tasks import START_PRIORITY
 from crux_workers.cli import main as cli_main
+from crux_workers.errors import ConfigurationError
 from tests.deployment import (
     REPO,
     InterpolationError,
@@ -640,11 +641,30 @@ def test_kubernetes_manifests_are_consistent() -> None:
 
     config = _by_kind(docs, "ConfigMap")["crux-config"]["data"]
     secret = _by_kind(docs, "Secret")["crux-secrets"]["stringData"]
-    settings = Settings(**settings_kwargs({**config, **secret}))
+    # As shipped, the placeholders are refused at start: every process would stop there.
+    with pytest.raises(ConfigurationError):
+        Settings(**settings_kwargs({**config, **secret}))
+    for key in ("CRUX_DATABASE_URL", "CRUX_BROKER_URL", "CRUX_REDIS_URL", "CRUX_SIGNAL_SECRET"):
+        with pytest.raises(ConfigurationError):
+            Settings(**settings_kwargs({**config, key: secret[key]}))
+    settings = Settings(**settings_kwargs({**config, **replace_placeholders(secret)}))
     module = config["APP_MODULE"]
     assert (REPO / (module.replace(".", "/") + ".py")).exists(), module
-    assert set(secret) == {"CRUX_DATABASE_URL", "CRUX_SIGNAL_SECRET"}
-    assert not [k for k in config if "PASSWORD" in k or "SECRET" in k]
+    assert set(secret) == {
+        "CRUX_DATABASE_URL",
+        "CRUX_BROKER_URL",
+        "CRUX_REDIS_URL",
+        "CRUX_SIGNAL_SECRET",
+    }
+    assert not [k for k in config if "PASSWORD" in k or "SECRET" in k or "_URL" in k]
+    # Shipped safe: no remote control; the probes read the heartbeat file instead.
+    assert settings.remote_control is False and config["CRUX_REMOTE_CONTROL"] == "false"
+    assert (settings.health_file or "").startswith("/tmp/")
+    # Every Redis URL logs in as the fleet's user of that server's ACL file.
+    acl = _by_kind(docs, "Secret")["crux-redis-acl"]["stringData"]
+    for key, file in (("CRUX_BROKER_URL", "broker.acl"), ("CRUX_REDIS_URL", "cache.acl")):
+        url = urlsplit(secret[key])
+        assert f"user {url.username} on >{url.password} " in acl[file], key
 
     deployments = _by_kind(docs, "Deployment")
     worker = deployments["crux-worker"]
@@ -696,6 +716,11 @@ def test_kubernetes_manifests_are_consistent() -> None:
 
     # KEDA scales the worker Deployment on the length of the flow queue's Redis list.
     (scaled,) = _by_kind(docs, "ScaledObject").values()
+    (auth,) = _by_kind(docs, "TriggerAuthentication").values()
+    keda = _by_kind(docs, "Secret")[auth["spec"]["secretTargetRef"][0]["name"]]["stringData"]
+    assert f"user {keda['username']} on >{keda['password']} " in acl["broker.acl"]
+    for trigger in scaled["spec"]["triggers"]:
+        assert trigger["authenticationRef"]["name"] == auth["metadata"]["name"]
     assert scaled["spec"]["scaleTargetRef"]["name"] == "crux-worker"
     assert scaled["spec"]["scaleTargetRef"].get("kind", "Deployment") == "Deployment"
     assert scaled["spec"]["minReplicaCount"] >= 1
@@ -732,6 +757,53 @@ def test_kubernetes_manifests_are_consistent() -> None:
     assert "maxmemory-policy allkeys-lru" in cache_conf
     assert _by_kind(docs, "StatefulSet")[f"{broker.hostname}"]["spec"]["volumeClaimTemplates"]
 
+    # NetworkPolicy: nothing may connect to the crux processes; each Redis admits only
+    # the fleet (and, for the broker, labelled publishers and KEDA).
+    policies = _by_kind(docs, "NetworkPolicy")
+    for workload in [*deployments.values(), *_by_kind(docs, "StatefulSet").values(), job]:
+        labels = workload["spec"]["template"]["metadata"]["labels"]
+        covering = [p for p in policies.values() if selects(p["spec"]["podSelector"], labels)]
+        assert covering, f"{workload['metadata']['name']}: no NetworkPolicy selects it"
+        component = labels["app.kubernetes.io/component"]
+        for policy in covering:
+            assert policy["spec"]["policyTypes"] == ["Ingress"]
+            sources = [s for rule in policy["spec"]["ingress"] for s in rule["from"]]
+            if component in ("worker", "beat", "ingress", "migrate"):
+                assert sources == [], component
+            else:
+                local = [s["podSelector"] for s in sources if "namespaceSelector" not in s]
+
+                def admits(component: str, local: list[dict[str, Any]] = local) -> bool:
+                    labels = {"app.kubernetes.io/name": "crux-workers"}
+                    labels["app.kubernetes.io/component"] = component
+                    return any(selects(sel, labels) for sel in local)
+
+                assert admits("worker") and admits("ingress"), component
+                assert not admits("migrate") and not admits("redis-cache"), component
+                if component == "redis-cache":
+                    assert all("namespaceSelector" not in s for s in sources)
+
+
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """Whether a Kubernetes label selector matches ``labels`` (In/NotIn/Exists only)."""
+    for key, value in selector.get("matchLabels", {}).items():
+        if labels.get(key) != value:
+            return False
+    for expr in selector.get("matchExpressions", []):
+        key, op = expr["key"], expr["operator"]
+        if op == "In" and labels.get(key) not in expr["values"]:
+            return False
+        if op == "NotIn" and labels.get(key) in expr["values"]:
+            return False
+        if op == "Exists" and key not in labels:
+            return False
+    return True
+
+
+def replace_placeholders(values: dict[str, str]) -> dict[str, str]:
+    """What an operator does before the first apply: a real value for each CHANGE-ME."""
+    return {k: v.replace("CHANGE-ME", "Real-Value-0f-the-operator") for k, v in values.items()}
+
 
 def test_kubernetes_redis_configs_are_accepted_by_redis_server(tmp_path: Path) -> None:
     docs = [d for file_docs in load_manifests().values() for d in file_docs]
@@ -745,15 +817,26 @@ def test_kubernetes_redis_configs_are_accepted_by_redis_server(tmp_path: Path) -
         "crux-redis-cache": {"maxmemory-policy": "allkeys-lru", "appendonly": "no"},
     }
     assert set(confs) == set(want)
+    acls = _by_kind(docs, "Secret")["crux-redis-acl"]["stringData"]
+    assert all("aclfile /etc/redis-acl/users.acl" in conf for conf in confs.values())
     procs: list[ServiceProcess] = []
     with running(procs):
         for name, conf in confs.items():
             data = tmp_path / name
             data.mkdir()
-            (data / "redis.conf").write_text(conf)
+            acl_file = data / "users.acl"
+            acl_file.write_text(
+                replace_placeholders(acls)[f"{name.removeprefix('crux-redis-')}.acl"]
+            )
+            (data / "redis.conf").write_text(
+                conf.replace("aclfile /etc/redis-acl/users.acl", f"aclfile {acl_file}")
+            )
             port = free_port()
             argv = ["redis-server", str(data / "redis.conf"), "--port", str(port)]
             argv += ["--bind", "127.0.0.1", "--dir", str(data), "--daemonize", "no"]
+            # An ACL file excludes --user: the test's admin is added to it instead.
+            with acl_file.open("a") as f:
+                f.write(f"user {ADMIN[0]} on >{ADMIN[1]} ~* &* +@all\n")
             proc = ServiceProcess(name, argv, {"PATH": "/usr/local/bin:/usr/bin:/bin"}, tmp_path)
             procs.append(proc)
             url = f"redis://127.0.0.1:{port}/0"
@@ -767,6 +850,37 @@ def test_kubernetes_redis_configs_are_accepted_by_redis_server(tmp_path: Path) -
                     return False
 
             wait_for(f"{name} answers PING", answers)
-            with redis_client(url) as client:
+            users = {
+                line.split()[1]: line.split()[3].removeprefix(">")
+                for line in replace_placeholders(acls)[
+                    f"{name.removeprefix('crux-redis-')}.acl"
+                ].splitlines()
+                if line.startswith("user ") and line.split()[3].startswith(">")
+            }
+            with redis_client(url, ("crux", users["crux"])) as client:
+                assert client.set("x", "1") and client.get("x") == b"1"
+                with pytest.raises(redis.exceptions.NoPermissionError):
+                    client.config_get("maxmemory-policy")
+            with redis_client(url) as anonymous:
+                assert anonymous.ping()
+                with pytest.raises(redis.exceptions.NoPermissionError):
+                    anonymous.get("x")
+            if name == "crux-redis-broker":
+                with redis_client(url, ("publisher", users["publisher"])) as publisher:
+                    assert publisher.lpush("crux.signals", "{}") == 1
+                    for command in (
+                        ("LPUSH", "crux", "{}"),
+                        ("LLEN", "crux.signals"),
+                        ("KEYS", "*"),
+                    ):
+                        with pytest.raises(redis.exceptions.NoPermissionError):
+                            publisher.execute_command(*command)
+                with redis_client(url, ("keda", users["keda"])) as keda:
+                    assert keda.llen("crux") == 0 and keda.llen("crux:9") == 0
+                    with pytest.raises(redis.exceptions.NoPermissionError):
+                        keda.llen("crux.signals")
+                    with pytest.raises(redis.exceptions.NoPermissionError):
+                        keda.lpush("crux", "{}")
+            with redis_client(url, ADMIN) as client:
                 for key, value in want[name].items():
                     assert client.config_get(key)[key] == value, (name, key)
