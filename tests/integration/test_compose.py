@@ -306,7 +306,8 @@ def test_compose_migrate_worker_and_beat_run_the_onboarding_flow(stack: Stack) -
         assert broker.llen(queue) == 0 and broker.llen(f"{queue}:9") == 0
         # Step results are cached in the cache Redis, never in the broker's.
         prefix = app.settings.redis_prefix
-        assert cache.keys(f"{prefix}:*"), "no step cache keys in the cache Redis"
+        # Filled after the commit that made the flow "suspended": waited for, not raced.
+        wait_for("step cache keys in the cache Redis", lambda: cache.keys(f"{prefix}:*"), 20)
         assert not broker.keys(f"{prefix}:*")
 
         stack.start("beat")
