@@ -28,7 +28,7 @@ from tests.support.fleet import FaultFleet
 from tests.support.report import report
 from tests.workers import REPO, Service
 
-SECRET = "hostile-tests-secret"
+SECRET = "hostile-tests-secret-of-32-bytes-or-more"
 MB = 1024 * 1024
 RSS_BOUND_MB = 200  # generous: an idle ingress or worker main process takes well under 100
 BOMB_MB = 300  # what the compressed bodies inflate to
@@ -297,6 +297,9 @@ def test_a_compression_bomb_is_refused_by_a_worker_before_it_is_inflated(
 def test_a_compression_bomb_broadcast_to_remote_control_is_not_inflated(
     fleet: FaultFleet, client: Any, request: pytest.FixtureRequest
 ) -> None:
+    # Remote control is off by default; a deployment that turns it on (Flower, celery
+    # inspect) must still not inflate what arrives on its broadcast channel.
+    fleet.env = {**fleet.env, "CRUX_REMOTE_CONTROL": "true"}
     worker = fleet.worker(concurrency=1)
     before = peak_rss_mb(worker.proc.pid)
     topic = "/0.celery.pidbox"  # kombu's fanout topic for the exchange, db 0
@@ -412,10 +415,14 @@ def test_during_rotation_the_ingress_accepts_the_previous_secret_too(
     fleet: FaultFleet, client: Any
 ) -> None:
     start_ingress(
-        fleet, CRUX_SIGNAL_SECRET="the-new-secret", CRUX_SIGNAL_SECRET_PREVIOUS="the-old-secret"
+        fleet,
+        CRUX_SIGNAL_SECRET="the-new-secret-of-32-bytes-or-more",
+        CRUX_SIGNAL_SECRET_PREVIOUS="the-old-secret-of-32-bytes-or-more",
     )
     run = fleet.flows["fault-inbox"].run(input={})
-    for n, secret in enumerate(["the-new-secret", "the-old-secret", "not-a-secret"]):
+    for n, secret in enumerate(
+        ["the-new-secret-of-32-bytes-or-more", "the-old-secret-of-32-bytes-or-more", "not-a-secret"]
+    ):
         body = item(run.flow_id, n, key=f"rot-{n}")
         client.lpush("crux.signals", raw_envelope(body, v2_headers(body, secret)))
     wait_until(lambda: len(refusals(fleet)) == 1, "the third refused")
