@@ -2,11 +2,11 @@
 
 Health checks used to be Celery remote-control pings, which need remote control on,
 and with it any broker client can shut a worker down (``docs/security.md``). Instead,
-with ``CRUX_HEALTH_FILE`` set, a consumer bootstep starts a thread that refreshes the
-file's mtime every ``HEARTBEAT_INTERVAL`` seconds while the consumer is connected and
-consuming; it stops, and removes the file, when the consumer stops (a warm shutdown, or
-a lost broker connection until it is back). ``crux-workers health`` reads the file's
-age: no broker round trip, no remote control.
+with ``CRUX_HEALTH_FILE`` set, a consumer bootstep (``_tasks.heartbeat_step``) starts a
+thread that refreshes the file's mtime every ``HEARTBEAT_INTERVAL`` seconds while the
+consumer is connected and consuming; it stops, and removes the file, when the consumer
+stops (a warm shutdown, or a lost broker connection until it is back).
+``crux-workers health`` reads the file's age: no broker round trip, no remote control.
 """
 
 from __future__ import annotations
@@ -19,9 +19,6 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from celery import bootsteps
 
 log = logging.getLogger("crux_workers.health")
 
@@ -68,31 +65,6 @@ class Heartbeat:
             except OSError as exc:
                 # The file goes stale and the health check says so; the worker goes on.
                 log.warning("cannot write the heartbeat file %s: %s", self.path, exc)
-
-
-def heartbeat_step(path: str) -> type[bootsteps.StartStopStep]:
-    """A consumer bootstep that beats while the consumer consumes (after its task step)."""
-
-    class HeartbeatStep(bootsteps.StartStopStep):  # type: ignore[misc]
-        """Liveness heartbeat of this worker's consumer (``CRUX_HEALTH_FILE``)."""
-
-        requires = ("celery.worker.consumer.tasks:Tasks",)
-
-        def __init__(self, parent: Any, **kwargs: Any) -> None:
-            super().__init__(parent, **kwargs)
-            self.heartbeat = Heartbeat(path)
-
-        def start(self, parent: Any) -> None:
-            self.heartbeat.start()
-            log.info("heartbeat: touching %s every %.0fs", path, self.heartbeat.interval)
-
-        def stop(self, parent: Any) -> None:
-            self.heartbeat.stop()
-
-        def shutdown(self, parent: Any) -> None:
-            self.heartbeat.stop()
-
-    return HeartbeatStep
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,10 @@ import re
 import threading
 from typing import TYPE_CHECKING, Any
 
-from celery import Celery
+from celery import Celery, bootsteps
 from celery.worker.consumer import Consumer
 
+from ._health import Heartbeat
 from ._transport import PublishedSignal
 
 if TYPE_CHECKING:
@@ -197,8 +198,6 @@ def make_celery(s: Settings, runtime: Runtime, registry: FlowRegistry) -> Celery
     # health checks read a heartbeat file instead of pinging over the broker.
     app.conf.worker_enable_remote_control = s.remote_control
     if s.health_file:
-        from ._health import heartbeat_step
-
         app.steps["consumer"].add(heartbeat_step(s.health_file))
     # -- end trust boundary
     app.conf.beat_schedule = {
@@ -306,3 +305,28 @@ def publish_json(app: Celery, queue_name: str, body: str, headers: dict[str, str
             retry=True,
             retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5},
         )
+
+
+def heartbeat_step(path: str) -> type[bootsteps.StartStopStep]:
+    """A consumer bootstep that beats while the consumer consumes (after its task step)."""
+
+    class HeartbeatStep(bootsteps.StartStopStep):  # type: ignore[misc]
+        """Liveness heartbeat of this worker's consumer (``CRUX_HEALTH_FILE``)."""
+
+        requires = ("celery.worker.consumer.tasks:Tasks",)
+
+        def __init__(self, parent: Any, **kwargs: Any) -> None:
+            super().__init__(parent, **kwargs)
+            self.heartbeat = Heartbeat(path)
+
+        def start(self, parent: Any) -> None:
+            self.heartbeat.start()
+            log.info("heartbeat: touching %s every %.0fs", path, self.heartbeat.interval)
+
+        def stop(self, parent: Any) -> None:
+            self.heartbeat.stop()
+
+        def shutdown(self, parent: Any) -> None:
+            self.heartbeat.stop()
+
+    return HeartbeatStep
