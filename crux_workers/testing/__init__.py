@@ -1,0 +1,30 @@
+"""Testing users' flows: virtual time, crash injection, and a replay check before deploys.
+
+- ``FlowEnvironment``: run flows in-process on a virtual clock (``flow_env`` in pytest).
+- ``crash_test``: kill a flow at every checkpoint boundary and compare the outcomes.
+- ``check_flows`` / ``check_history``: replay recorded flows against the code as it is
+  now (``crux-workers check``).
+
+See docs/testing.md.
+"""
+
+from __future__ import annotations
+
+from ._base import AdvanceReport, SimulatedCrash, TestingError, TimePoint, VirtualClock
+from ._crash import CrashReport, CrashRun, crash_test
+from ._env import EnvFlowRun, FlowEnvironment
+from ._transport import PendingTask
+
+__all__ = [
+    "AdvanceReport",
+    "CrashReport",
+    "CrashRun",
+    "EnvFlowRun",
+    "FlowEnvironment",
+    "PendingTask",
+    "SimulatedCrash",
+    "TestingError",
+    "TimePoint",
+    "VirtualClock",
+    "crash_test",
+]
