@@ -11,20 +11,28 @@ See docs/testing.md.
 from __future__ import annotations
 
 from ._base import AdvanceReport, SimulatedCrash, TestingError, TimePoint, VirtualClock
+from ._check import CheckReport, History, check_flows, check_history, export_history
 from ._crash import CrashReport, CrashRun, crash_test
 from ._env import EnvFlowRun, FlowEnvironment
+from ._replay import Problem
 from ._transport import PendingTask
 
 __all__ = [
     "AdvanceReport",
+    "CheckReport",
     "CrashReport",
     "CrashRun",
     "EnvFlowRun",
     "FlowEnvironment",
+    "History",
     "PendingTask",
+    "Problem",
     "SimulatedCrash",
     "TestingError",
     "TimePoint",
     "VirtualClock",
+    "check_flows",
+    "check_history",
     "crash_test",
+    "export_history",
 ]
