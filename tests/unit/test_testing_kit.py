@@ -6,6 +6,7 @@ and retried paths on virtual time; each test prints how long it took (``-s``).
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -19,9 +20,15 @@ from pydantic import BaseModel
 
 import examples.onboarding as onboarding_sync
 import examples.onboarding_async as onboarding_async
-from crux_workers import Crux, FlowContext, Retry, Settings
+from crux_workers import Crux, FlowContext, Retry, Settings, current_step
 from crux_workers.errors import WaitTimeout
-from crux_workers.testing import FlowEnvironment, crash_test
+from crux_workers.testing import (
+    FlowEnvironment,
+    check_flows,
+    check_history,
+    crash_test,
+    export_history,
+)
 from examples.writer import plan_draft, writer
 
 SIGNUP = {"email": "u@example.com", "name": "Henri", "goal": "shipping"}
@@ -282,6 +289,74 @@ def test_crash_test_finds_non_determinism() -> None:
     assert report.nondeterministic
     assert "NON-DETERMINISM" in str(report)
     assert any(r.nondeterminism for r in report.nondeterministic)
+
+
+def test_crash_test_on_the_retried_path(mod: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = mod.make_plan
+
+    def flaky(signup: Any) -> Any:
+        # Deterministic per run: the first two attempts of the step fail.
+        if current_step().attempt < 3:
+            raise ConnectionError("planner unavailable")
+        return real(signup)
+
+    monkeypatch.setattr(mod, "make_plan", flaky)
+    report = crash_test(mod.onboarding, input=SIGNUP, signals=[("email-verified", VERIFIED)])
+    assert report.ok, report
+    # The two failed attempts are recorded: two more writes, four more boundaries.
+    assert report.boundaries == 32
+    assert any("failed attempt 1 of step 'first-week-plan'" in r.where for r in report.runs)
+    # Killed before a failed attempt is recorded, that attempt runs again.
+    assert len(report.reruns["first-week-plan"]) == 3
+
+
+def test_crash_test_says_when_the_clean_run_does_not_end(mod: Any) -> None:
+    report = crash_test(mod.onboarding, input={**SIGNUP, "verify_within": "1h"}, max_boundaries=2)
+    assert report.clean.outcome is not None and report.clean.outcome.status == "expired"
+    assert report.ok and report.boundaries == 2
+    stuck = crash_test(
+        writer, input={"topic": "t", "author": "ada", "publication": "crux-weekly"}, run_tasks=False
+    )
+    assert not stuck.ok
+    assert stuck.boundaries == 0
+    assert "THE CLEAN RUN DID NOT END: children ['writer.plan_draft'] never completed" in str(stuck)
+
+
+# -- check_history --
+
+
+def test_check_history_of_a_suspended_onboarding(mod: Any) -> None:
+    with FlowEnvironment() as env:
+        run = env.start(mod.onboarding, input=SIGNUP)
+        env.signal(run.flow_id, "email-verified", VERIFIED)
+        env.advance("2d")
+        exported = export_history(env.app, run.flow_id)
+        assert check_flows(mod.onboarding, store=env.store).ok
+    assert [c["name"] for c in exported["checkpoints"]] == [
+        "send-welcome",
+        "email-verified",
+        "first-week-plan",
+        "until-checkin",
+        "checkin",
+        "until-checkin",
+    ]
+    assert check_history([exported], mod.onboarding).ok
+    # A step result that no longer fits the step function's declared return type.
+    broken = json.loads(json.dumps(exported))
+    broken["checkpoints"][2]["result"] = {"not": "a list"}
+    report = check_history([broken], mod.onboarding)
+    [problem] = report.problems
+    assert (problem.kind, problem.position) == ("step-result", 2)
+    assert "first-week-plan" in str(report) and "list" in (problem.expected or "")
+    # A recorded signal that no longer fits the suspend's schema.
+    broken["checkpoints"][1]["result"] = {"verified": True}
+    kinds = [p.kind for p in check_history([broken], mod.onboarding).problems]
+    assert kinds == ["signal"]
+    # An unknown flow, and stored input that no longer fits.
+    other = {**exported, "name": "renamed-flow"}
+    assert [p.kind for p in check_history([other], mod.onboarding).problems] == ["unknown-flow"]
+    bad_input = {**exported, "input": {"email": "x"}}
+    assert [p.kind for p in check_history([bad_input], mod.onboarding).problems] == ["input"]
 
 
 # -- the pytest plugin --
