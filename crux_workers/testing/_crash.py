@@ -238,7 +238,10 @@ class CrashReport:
     def reruns(self) -> dict[str, list[str]]:
         """Per step: the boundaries whose crash made its function run again (at least once)."""
         got: dict[str, list[str]] = {}
+        diverged = self.nondeterministic
         for r in self.runs:
+            if r in diverged:  # other steps than the clean run's: not comparable
+                continue
             for step, n in r.step_calls.items():
                 extra = n - self.clean.step_calls.get(step, 0)
                 if extra > 0:
@@ -260,7 +263,10 @@ class CrashReport:
         ]
         if self.clean.stuck is not None:
             lines.append(f"  THE CLEAN RUN DID NOT END: {self.clean.stuck}")
+        nondeterministic = self.nondeterministic
         for r in self.differing:
+            if r in nondeterministic:  # said below, once
+                continue
             got = r.outcome.status if r.outcome else f"did not end ({r.stuck})"
             detail = (
                 f": {r.outcome.error.type}: {r.outcome.error.message}"
@@ -270,16 +276,20 @@ class CrashReport:
             lines.append(
                 f"  DIFFERENT OUTCOME, killed {r.where}: {got}{detail} (clean: {_key(clean)})"
             )
-        for r in self.nondeterministic:
+        for r in nondeterministic:
             where = "clean run" if r.boundary is None else f"killed {r.where}"
             if r.nondeterminism and r.outcome is not None and r.outcome.error is not None:
                 lines.append(f"  NON-DETERMINISM, {where}: {r.outcome.error.message}")
             else:
                 lines.append(
                     f"  NON-DETERMINISM, {where}: checkpoints {r.checkpoints} "
-                    f"differ from the clean run's {self.clean.checkpoints}; handler code outside "
-                    "steps reads the clock, random numbers or the outside world"
+                    f"differ from the clean run's {self.clean.checkpoints}"
                 )
+        if nondeterministic:
+            lines.append(
+                "  (handler code outside steps reads the clock, random numbers or the outside "
+                "world: move such reads into a step, whose result is recorded)"
+            )
         reruns = self.reruns
         if reruns:
             lines.append("  at-least-once cost (step functions that ran again after a crash):")

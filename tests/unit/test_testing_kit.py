@@ -7,9 +7,9 @@ and retried paths on virtual time; each test prints how long it took (``-s``).
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
-import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -362,21 +362,21 @@ def test_check_history_of_a_suspended_onboarding(mod: Any) -> None:
 # -- the pytest plugin --
 
 
-def test_flow_env_fixture_from_the_installed_plugin(tmp_path: Path) -> None:
-    (tmp_path / "test_user.py").write_text(
-        textwrap.dedent(
-            """
-            from examples.onboarding import onboarding
+def docs_test_file() -> str:
+    """The onboarding tests of docs/testing.md, as written there."""
+    text = (REPO / "docs" / "testing.md").read_text()
+    [block] = re.findall(r"```python\n(# tests/test_onboarding.py\n.*?)```", text, flags=re.S)
+    return block
 
-            def test_expires(flow_env):
-                run = flow_env.start(onboarding, input={"email": "a@b.c", "name": "A", "goal": "g"})
-                flow_env.advance("24h")
-                assert run.outcome().status == "expired"
-            """
-        )
-    )
+
+def test_the_docs_onboarding_tests_pass_with_the_installed_plugin(tmp_path: Path) -> None:
+    # A subprocess pytest in an empty directory: flow_env comes from the entry point.
+    (tmp_path / "test_onboarding.py").write_text(docs_test_file())
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_user.py"],
+        [
+            *(sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"),
+            *("--durations=0", "--durations-min=0"),
+        ],
         cwd=tmp_path,
         env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
         capture_output=True,
@@ -384,4 +384,11 @@ def test_flow_env_fixture_from_the_installed_plugin(tmp_path: Path) -> None:
         timeout=120,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "1 passed" in done.stdout
+    assert "6 passed" in done.stdout
+    # Each test's setup, call and teardown (the flow_env fixture's start and close).
+    took: dict[str, float] = {}
+    for secs, name in re.findall(r"^([\d.]+)s (?:setup|call|teardown)\s+(\S+)$", done.stdout, re.M):
+        took[name] = took.get(name, 0.0) + float(secs)
+    assert len(took) == 6
+    print("\n" + "\n".join(f"{t:.2f}s {name}" for name, t in took.items()))
+    print(f"the docs' onboarding tests: {sum(took.values()):.2f}s in all")
