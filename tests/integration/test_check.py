@@ -158,3 +158,23 @@ def test_check_without_flows_or_with_a_bad_import(record: str) -> None:
     assert done.returncode == 1 and "cannot import" in done.stderr
     nothing = cli(record, "check", "--name", "no-such-flow")
     assert nothing.returncode == 0 and "0 flow(s) checked" in nothing.stdout
+
+
+def test_flow_environment_on_postgres(pg_url: str) -> None:
+    """The kit's environment on a real record: timers, retries and expiry on virtual time."""
+    from examples.onboarding import onboarding
+    from examples.onboarding_async import onboarding as onboarding_async
+
+    signup = {"email": "u@example.com", "name": "Henri", "goal": "shipping"}
+    with FlowEnvironment(store=pg_url) as env:
+        for handle in (onboarding, onboarding_async):
+            expiring = env.start(handle, input=signup)
+            verified = env.start(handle, input=signup)
+            env.signal(verified.flow_id, "email-verified", {"verified_at": "now"})
+            report = env.advance("6d")
+            assert sorted(p.kind for p in report.fired) == ["expire", "sleep", "sleep", "sleep"]
+            expired = expiring.outcome()
+            assert expired is not None and expired.status == "expired"
+            done = verified.outcome()
+            assert done is not None and done.status == "completed"
+            assert done.result["checkins"] == 3

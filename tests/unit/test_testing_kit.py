@@ -392,3 +392,26 @@ def test_the_docs_onboarding_tests_pass_with_the_installed_plugin(tmp_path: Path
     assert len(took) == 6
     print("\n" + "\n".join(f"{t:.2f}s {name}" for name, t in took.items()))
     print(f"the docs' onboarding tests: {sum(took.values()):.2f}s in all")
+
+
+def test_the_in_memory_environment_loads_no_driver() -> None:
+    probe = (
+        "import sys\n"
+        "from crux_workers.testing import FlowEnvironment\n"
+        "from examples.onboarding import onboarding\n"
+        "with FlowEnvironment() as env:\n"
+        "    env.start(onboarding, input={'email': 'a', 'name': 'b', 'goal': 'c'})\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules}))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    loaded = done.stdout.strip().splitlines()[-1]
+    # examples.onboarding imports no driver; the environment must not either.
+    for driver in ("sqlalchemy", "alembic", "kombu", "redis", "psycopg", "pytest"):
+        assert f"'{driver}'" not in loaded, driver
