@@ -360,9 +360,7 @@ def _one_run(
         return cast(CruxStore, box[0])
 
     began = time.perf_counter()
-    with FlowEnvironment(
-        start=_START, wrap_store=wrap_store, wrap_handler=_counting(counts), **options
-    ) as env:
+    with FlowEnvironment(wrap_store=wrap_store, wrap_handler=_counting(counts), **options) as env:
         stuck = _drive(env, flow, input, signals)
         counts.update({f"task {name}": n for name, n in env.child_calls.items()})
         outcome = env.app.client.outcome(_FLOW_ID)
@@ -393,16 +391,18 @@ def crash_test(
     run_tasks: bool = True,
     max_boundaries: int | None = None,
     same_outcome: Callable[[FlowOutcome | None, FlowOutcome | None], bool] | None = None,
+    start: datetime = _START,
 ) -> CrashReport:
     """Run ``flow`` cleanly, then once killed at each checkpoint boundary; compare.
 
     ``signals`` are ``(name, payload)`` pairs, each sent when the flow first waits on
     that name (or, once nothing else is due, anyway). ``tasks`` and ``run_tasks`` are
     ``FlowEnvironment``'s. Outcomes are compared by status, result and error type,
-    unless ``same_outcome(run, clean)`` says otherwise.
+    unless ``same_outcome(run, clean)`` says otherwise. Every run starts its virtual
+    clock at ``start`` and uses the flow id ``crash-test``, so runs compare exactly.
     """
     signals = list(signals)
-    options: dict[str, Any] = {"tasks": tasks, "run_tasks": run_tasks}
+    options: dict[str, Any] = {"tasks": tasks, "run_tasks": run_tasks, "start": start}
     clean, store = _one_run(flow, input, signals, None, options)
     # A clean run that does not end has no outcome to compare the crashed runs with.
     total = 2 * len(store.writes) if clean.stuck is None else 0

@@ -100,6 +100,7 @@ class FlowEnvironment:
             self.settings, store=self.store, cache=MemoryStepCache(), transport=self.transport
         )
         self._wrap = wrap_handler
+        self._hosted: dict[str, FlowDef] = {}
         self._flow_ids: list[str] = []
         self._stalled: dict[str, datetime] = {}
         self.crashes: list[tuple[str, datetime]] = []
@@ -147,8 +148,17 @@ class FlowEnvironment:
         """Host a flow (a handle or its definition), or every flow of an app."""
         defs = item.flow_defs() if isinstance(item, Crux) else [_defn(item)]
         for defn in defs:
+            hosted = self._hosted.get(defn.name)
+            if hosted is not None:
+                if hosted.fn is not defn.fn:
+                    raise TestingError(
+                        f"another flow called {defn.name!r} is hosted in this environment "
+                        "already: use one environment per version of a flow"
+                    )
+                continue
             fn = self._wrap(defn) if self._wrap is not None else defn.fn
             self.app.registry.define(defn.name, fn, defn.input_model, defn.queue)
+            self._hosted[defn.name] = defn
 
     def start(
         self,
@@ -163,8 +173,7 @@ class FlowEnvironment:
             handle: FlowHandle[Any] = FlowHandle(self.app, defn)
         else:
             handle = flow
-            if self.app.registry.get(handle.name) is None:
-                self.register(handle)
+            self.register(handle)
         model = handle.validate_input(input)
         flow_id = flow_id if flow_id is not None else str(uuid.uuid4())
         self.app.client.start(handle.name, model, flow_id)
@@ -174,7 +183,9 @@ class FlowEnvironment:
         return EnvFlowRun(self, flow_id)
 
     def run(self, flow_id: str) -> EnvFlowRun:
-        """The run of a flow already in the record."""
+        """The run of a flow already in the record; its timers are the environment's too."""
+        if flow_id not in self._flow_ids:
+            self._flow_ids.append(flow_id)
         return EnvFlowRun(self, flow_id)
 
     # -- driving -----------------------------------------------------------------------------

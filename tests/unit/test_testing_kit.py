@@ -24,6 +24,7 @@ from crux_workers import Crux, FlowContext, Retry, Settings, current_step
 from crux_workers.errors import WaitTimeout
 from crux_workers.testing import (
     FlowEnvironment,
+    TestingError,
     check_flows,
     check_history,
     crash_test,
@@ -174,6 +175,19 @@ def poll(f: FlowContext[Topic]) -> Any:
 def child_flow(f: FlowContext[Topic]) -> Any:
     # The task object itself: the environment calls its function inline.
     return f.run_task("plan", plan_draft, f.input.topic, "testers", retry=Retry(attempts=2))
+
+
+def test_one_flow_per_name_in_an_environment() -> None:
+    other = Crux(Settings.model_construct())
+
+    @other.flow("kit-poll", input=Topic)
+    def impostor(f: FlowContext[Topic]) -> None:
+        return None
+
+    with FlowEnvironment(app) as env:
+        env.register(poll)  # the same flow again: nothing to do
+        with pytest.raises(TestingError, match="another flow called 'kit-poll'"):
+            env.start(impostor, input={"topic": "x"})
 
 
 def test_wait_until_polls_on_virtual_time() -> None:
