@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from ._base import AdvanceReport, SimulatedCrash, TestingError, TimePoint, VirtualClock
 from ._check import CheckReport, History, check_flows, check_history, export_history
-from ._crash import CrashReport, CrashRun, crash_test
+from ._crash import crash_test
+from ._crash_report import CrashReport, CrashRun
 from ._env import EnvFlowRun, FlowEnvironment
 from ._replay import Problem
 from ._transport import PendingTask
