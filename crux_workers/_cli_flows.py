@@ -245,6 +245,24 @@ def show(flow_id: str, as_json: bool) -> None:
         click.echo(_show(state))
 
 
+@flows.command()
+@click.argument("flow_id")
+@click.option(
+    "-o", "--output", type=click.Path(dir_okay=False), help="write to FILE instead of stdout"
+)
+def export(flow_id: str, output: str | None) -> None:
+    """A flow's recorded history as JSON, for `crux-workers check --history FILE`."""
+    from .testing import export_history
+
+    with operator_app() as app:
+        text = json.dumps(export_history(app, flow_id), indent=2)
+    if output is None:
+        click.echo(text)
+    else:
+        with open(output, "w", encoding="utf-8") as fh:
+            fh.write(text + "\n")
+
+
 def _json_arg(_ctx: click.Context, _param: click.Parameter, value: str) -> Any:
     try:
         return json.loads(value)

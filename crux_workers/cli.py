@@ -14,6 +14,7 @@ import time
 import click
 
 from ._app import Crux, default_app, set_default_app
+from ._cli_check import check
 from ._cli_flows import flows
 from ._cli_health import health
 from ._settings import Settings, redact
@@ -206,6 +207,7 @@ def _dev_fleet(imports: tuple[str, ...], concurrency: int) -> None:
 
 main.add_command(flows)
 main.add_command(health)
+main.add_command(check)
 
 
 @main.group()
