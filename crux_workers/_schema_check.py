@@ -21,6 +21,7 @@ from typing import Any
 Error = dict[str, Any]
 
 _MAX_ERRORS = 20
+_SHAPE = {"type", "enum", "const", "anyOf", "oneOf"}
 _TRUE = {"1", "true", "t", "yes", "y", "on"}
 _FALSE = {"0", "false", "f", "no", "n", "off"}
 
@@ -41,8 +42,20 @@ class _Checker:
         if len(self.errors) < _MAX_ERRORS:
             self.errors.append({"loc": list(loc), "msg": msg, "type": kind})
 
-    def passes(self, schema: Any, value: Any, loc: list[Any]) -> bool:
-        return not _errors_of(self.root, schema, value, loc)
+    def any_of(self, key: str, options: list[Any], value: Any, loc: list[Any]) -> bool:
+        """True if one form passes; else report why the form of the value's type failed."""
+        results = [_errors_of(self.root, o, value, loc) for o in options]
+        if any(not r for r in results):
+            return True
+        for errors in results:
+            # The value had this form's type (e.g. the object of an ``X | None``): what
+            # failed inside it is the useful detail.
+            if not any(e["loc"] == loc and e["type"] in _SHAPE for e in errors):
+                for e in errors:
+                    self.fail(e["loc"], e["type"], e["msg"])
+                return False
+        self.fail(loc, key, "Input matches none of the allowed forms")
+        return False
 
     def resolve(self, schema: dict[str, Any]) -> dict[str, Any]:
         ref = schema.get("$ref")
@@ -72,12 +85,7 @@ class _Checker:
             return
         for key in ("anyOf", "oneOf"):
             options = schema.get(key)
-            if (
-                isinstance(options, list)
-                and options
-                and not any(self.passes(o, value, loc) for o in options)
-            ):
-                self.fail(loc, key, "Input matches none of the allowed forms")
+            if isinstance(options, list) and options and not self.any_of(key, options, value, loc):
                 return
         for part in schema.get("allOf") or []:
             self.check(part, value, loc)
