@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import BaseModel
 
-from ._client import Client
+from ._client import Client, off_loop
 from ._engine import Advance, Engine, FlowDef, Handler
 from ._flow import FlowHandle, FlowRun
 from ._ids import check_id
@@ -279,6 +279,20 @@ class Crux:
         """Delete flows that finished before ``before`` (every row of theirs), and refused
         ingress messages received before it; returns the number of flows."""
         return self.store.purge_finished(before)
+
+    async def retry_flow_async(self, flow_id: str) -> str:
+        """``retry_flow`` for async code (the console)."""
+        return await off_loop(self.retry_flow, flow_id)
+
+    async def fork_flow_async(
+        self, source_id: str, /, at: int, input: Any = None, *, flow_id: str | None = None
+    ) -> FlowRun:
+        """``fork_flow`` for async code."""
+        return await off_loop(self.fork_flow, source_id, at, input, flow_id=flow_id)
+
+    async def waiting_async(self, *, name: str | None = None) -> list[WaitGroup]:
+        """``waiting`` for async code."""
+        return await off_loop(self.waiting, name=name)
 
     async def signal_flow_async(
         self, flow_id: str, name: str, payload: Any = None, *, key: str | None = None

@@ -209,8 +209,7 @@ def make_celery(s: Settings, runtime: Runtime, registry: FlowRegistry) -> Celery
         return {"tick": report.tick, "expired": report.expired, "published": report.published}
 
     # -- retention (issue 14, operations): CRUX_RETENTION purges from beat ----------------
-    if s.retention is not None:
-        _add_retention(app, s, runtime)
+    _add_retention(app, s, runtime)
 
     _register_child_callbacks(app, runtime)
     for defn in registry.all():
@@ -219,19 +218,22 @@ def make_celery(s: Settings, runtime: Runtime, registry: FlowRegistry) -> Celery
 
 
 def _add_retention(app: Celery, s: Settings, runtime: Runtime) -> None:
-    """The beat entry and task that purge finished flows older than ``CRUX_RETENTION``."""
+    """The task that purges finished flows older than ``CRUX_RETENTION``, and its beat
+    entry when the setting is on. The worker that runs it reads its own setting."""
     from ._ops import retention_tick
 
-    app.conf.beat_schedule["crux-retention"] = {
-        "task": RETENTION_TASK,
-        "schedule": s.retention_interval,
-        "options": {"expires": s.retention_interval},
-    }
+    if s.retention is not None:
+        app.conf.beat_schedule["crux-retention"] = {
+            "task": RETENTION_TASK,
+            "schedule": s.retention_interval,
+            "options": {"expires": s.retention_interval},
+        }
 
     @app.task(name=RETENTION_TASK, acks_late=False, shared=False)  # type: ignore[untyped-decorator]
     def retention() -> dict[str, Any]:
         report = retention_tick(runtime.services)
         if report is None:
+            log.warning("retention: beat asked for a purge but CRUX_RETENTION is unset here")
             return {}
         return {"tick": report.tick, "skipped": report.skipped, "purged": report.purged}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -60,7 +61,7 @@ def test_retry_reruns_the_failed_step_only_with_a_fresh_attempt_count(h: Harness
     with pytest.raises(FlowNotFound):
         h.app.retry_flow("nope")
     fixed["now"] = True
-    assert h.app.retry_flow(run.flow_id) == "pending"
+    assert asyncio.run(h.app.retry_flow_async(run.flow_id)) == "pending"
     h.drain()
     state = run.state()
     assert (state.status, state.result, state.retries) == ("completed", ["tea", "ok"], 1)
@@ -88,7 +89,7 @@ def test_a_fork_at_a_suspend_waits_for_its_own_signal(h: Harness) -> None:
     h.app.signal_flow("other", "approval", {"approved": False})
     h.drain()
     assert fork.state().result == ["tea", False, "tea"]
-    replaced = h.app.fork_flow(run.flow_id, 2, {"item": "coffee"})
+    replaced = asyncio.run(h.app.fork_flow_async(run.flow_id, 2, {"item": "coffee"}))
     h.drain()
     assert replaced.state().result == ["tea", True, "coffee"]
     assert h.calls == {"a": 1, "b": 3}
@@ -143,6 +144,7 @@ def test_waiting_groups_by_kind_and_name(h: Harness) -> None:
     h.drain()
     groups = [(w.name, w.kind, w.on, w.count) for w in h.app.waiting()]
     assert groups == [("gate", "signal", "approval", 2), ("gate", "sleep", "", 1)]
+    assert asyncio.run(h.app.waiting_async(name="gate")) == h.app.waiting(name="gate")
     signal = h.app.waiting(name="gate")[0]
     assert signal.nearest_deadline == h.clock() + timedelta(hours=2)
     assert h.app.waiting(name="other") == []
@@ -217,6 +219,7 @@ def test_beat_runs_retention_only_when_it_is_set(tmp_path: Path) -> None:
     }
     plain = Crux(Settings(**common))
     assert set(plain.celery.conf.beat_schedule) == {"crux-sweep"}
+    assert "crux.retention" in plain.celery.tasks  # a worker takes beat's request anyway
     kept = Crux(Settings(**common, retention="30d", retention_interval="10m"))
     entry = kept.celery.conf.beat_schedule["crux-retention"]
     assert (entry["task"], entry["schedule"]) == ("crux.retention", 600.0)
