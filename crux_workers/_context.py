@@ -27,6 +27,7 @@ from ._ids import MAX_ID, valid_id
 from ._loop import flow_loop
 from ._models import ErrorInfo, Retry
 from ._port import ExecutionPort
+from ._schema_check import wait_schema
 from ._store._clock import utcnow
 from ._store._types import Checkpoint, Suspension, TaskError, TaskPoint
 from .errors import (
@@ -431,7 +432,8 @@ class FlowContext(Generic[InputT]):
         timeout_s = parse_duration(timeout, what="suspend timeout") if timeout is not None else None
         seq, occurrence, cp = self._next("suspend", name)
         if cp is None:
-            point = Suspension(seq, name, occurrence, timeout_s, _json_schema(schema))
+            wait = wait_schema(schema, self._x.max_value_bytes)
+            point = Suspension(seq, name, occurrence, timeout_s, wait)
             cp = self._x.take_signal_or_suspend(point, _validator(schema))
         payload = _json.loads(cp.result)
         return schema.model_validate(payload) if schema is not None else payload
@@ -483,16 +485,6 @@ def _encode(value: Any, what: str, step: str, limit: int) -> str:
             step=step,
         ) from None
     return _json.check_size(text, limit, f"the result of {what}")
-
-
-def _json_schema(schema: type[BaseModel] | None) -> str | None:
-    """The JSON Schema recorded with a wait, for senders to check against (or None)."""
-    if schema is None:
-        return None
-    try:
-        return _json.dumps(schema.model_json_schema())
-    except Exception:  # a model without a JSON Schema is checked when consumed only
-        return None
 
 
 def _validator(schema: type[BaseModel] | None) -> Callable[[str], str]:

@@ -13,10 +13,13 @@ types accept what pydantic's lax mode accepts from JSON (``"5"`` for an integer,
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Callable
 from typing import Any
+
+from pydantic import BaseModel
 
 Error = dict[str, Any]
 
@@ -24,6 +27,21 @@ _MAX_ERRORS = 20
 _SHAPE = {"type", "enum", "const", "anyOf", "oneOf"}
 _TRUE = {"1", "true", "t", "yes", "y", "on"}
 _FALSE = {"0", "false", "f", "no", "n", "off"}
+
+
+def wait_schema(model: type[BaseModel] | None, limit: int) -> str | None:
+    """The JSON Schema text recorded with a wait on ``model``, for senders to check.
+
+    None for no model, a model without a JSON Schema, or a schema larger than a stored
+    value may be: such a payload is checked only when a suspend consumes it.
+    """
+    if model is None:
+        return None
+    try:
+        text = json.dumps(model.model_json_schema(), separators=(",", ":"))
+    except Exception:
+        return None
+    return text if len(text.encode()) <= limit else None
 
 
 def schema_errors(schema: dict[str, Any], value: Any) -> list[Error]:
