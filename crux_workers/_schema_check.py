@@ -6,9 +6,9 @@ of JSON Schema pydantic writes: ``$ref`` into ``$defs``, ``type``, ``properties`
 ``required``, ``additionalProperties``, ``items``, ``prefixItems``, ``enum``, ``const``,
 ``anyOf``/``oneOf``/``allOf`` and the length, size and range bounds. Unknown keywords
 pass: the flow validates with its model again when it consumes the signal, so this
-check may be looser than the model, but it is never stricter. That is why the scalar
-types accept what pydantic's lax mode accepts from JSON (``"5"`` for an integer,
-``"yes"`` for a boolean).
+check may be looser than the model, and is meant never to be stricter. That is why the
+scalar types accept what pydantic's lax mode accepts from JSON (``"5"`` or ``true`` for
+an integer, ``"yes"`` for a boolean, a number for a datetime).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ Error = dict[str, Any]
 
 _MAX_ERRORS = 20
 _SHAPE = {"type", "enum", "const", "anyOf", "oneOf"}
+_TIME_FORMATS = {"date-time", "date", "time", "duration"}
 _TRUE = {"1", "true", "t", "yes", "y", "on"}
 _FALSE = {"0", "false", "f", "no", "n", "off"}
 
@@ -111,6 +112,8 @@ class _Checker:
         if kinds is None:
             return
         kinds = kinds if isinstance(kinds, list) else [kinds]
+        if schema.get("format") in _TIME_FORMATS and _is("number", value):
+            return  # pydantic reads a number as a timestamp or a count of seconds
         kind = next((k for k in kinds if _is(k, value)), None)
         if kind is None:
             self.fail(loc, "type", f"Input should be of type {' or '.join(map(str, kinds))}")
@@ -161,7 +164,7 @@ class _Checker:
             if not matched:
                 self.fail(loc, "pattern", f"String should match pattern {pattern!r}")
 
-    def check_number(self, schema: dict[str, Any], value: float, loc: list[Any]) -> None:
+    def check_number(self, schema: dict[str, Any], value: int | float, loc: list[Any]) -> None:
         checks: tuple[tuple[str, Callable[[float], bool], str], ...] = (
             ("minimum", lambda b: value >= b, "greater than or equal to"),
             ("maximum", lambda b: value <= b, "less than or equal to"),
@@ -204,18 +207,26 @@ def _is(kind: str, value: Any) -> bool:
             return value in (0, 1)
         return isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE
     if kind in ("integer", "number"):
-        if isinstance(value, bool):
-            return False
         try:
             number = _number(value)
-        except ValueError:
+        except (TypeError, ValueError, OverflowError):
             return False
-        return kind == "number" or number.is_integer()
+        if kind == "number" or isinstance(number, int):
+            return True
+        return math.isfinite(number) and number.is_integer()
     return True  # a type this check does not know: the model decides
 
 
-def _number(value: Any) -> float:
-    number = float(value.strip()) if isinstance(value, str) else float(value)
-    if not math.isfinite(number):
-        raise ValueError("not a finite number")
-    return number
+def _number(value: Any) -> int | float:
+    """A JSON number, or the number pydantic's lax mode reads from a bool or a string."""
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, int | float):
+        return value
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            return int(text)
+        except ValueError:
+            return float(text)
+    raise TypeError(f"not a number: {type(value).__name__}")
