@@ -17,6 +17,7 @@ from ._app import Crux, default_app, set_default_app
 from ._cli_check import check
 from ._cli_flows import flows
 from ._cli_health import health
+from ._cli_ops import retry  # noqa: F401  (registers flows retry, fork, waiting)
 from ._settings import Settings, redact
 from .errors import CruxError
 

@@ -6,6 +6,7 @@ and retried paths on virtual time; each test prints how long it took (``-s``).
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 import subprocess
@@ -13,14 +14,21 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
 from pydantic import BaseModel
 
-import examples.onboarding as onboarding_sync
-import examples.onboarding_async as onboarding_async
-from crux_workers import Crux, FlowContext, Retry, Settings, current_step
+from crux_workers import (
+    Crux,
+    FlowContext,
+    Retry,
+    Settings,
+    current_step,
+    default_app,
+    set_default_app,
+)
 from crux_workers.errors import WaitTimeout
 from crux_workers.testing import (
     FlowEnvironment,
@@ -30,7 +38,24 @@ from crux_workers.testing import (
     crash_test,
     export_history,
 )
-from examples.writer import plan_draft, writer
+
+
+def _import_example(name: str) -> ModuleType:
+    # The examples define their flows on the default app, as users do. In this process
+    # the suite's own flows (tests/integration/flows.py) hold those names on it already:
+    # the examples get an app of their own, which the kit re-registers from anyway.
+    previous = default_app()
+    set_default_app(Crux(Settings(database_url="sqlite://")))
+    try:
+        return importlib.import_module(name)
+    finally:
+        set_default_app(previous)
+
+
+onboarding_sync = _import_example("examples.onboarding")
+onboarding_async = _import_example("examples.onboarding_async")
+_writer = _import_example("examples.writer")
+plan_draft, writer = _writer.plan_draft, _writer.writer
 
 SIGNUP = {"email": "u@example.com", "name": "Henri", "goal": "shipping"}
 VERIFIED = {"verified_at": "2026-11-21T10:00:00Z"}
