@@ -38,6 +38,10 @@ class Claimed:
     next_seq: int
     failed_attempts: int = 0
     cancel_requested: bool = False
+    # The flow's wake_at and wake_kind the claim cleared: when and why it became due
+    # (for the resume latency metric); None when nothing had set one.
+    woke_at: datetime | None = None
+    woke_by: str | None = None
 
 
 SuspendOutcome = Literal["suspended", "expired", "cancelled"]
@@ -199,6 +203,26 @@ class FlowFilter:
     name: str | None = None
     waiting_on: str | None = None
     limit: int = 100
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsSnapshot:
+    """What the metrics read from the record in one query (``AdminStore.metrics_snapshot``).
+
+    ``flows``: (flow name, status) -> count. ``waits``: (kind, on) -> suspended flows not
+    yet due, kind one of signal, sleep, poll, task, retry and ``on`` the signal, poll or
+    task name ("" for sleeps and retries). ``due``: flow name -> flows that could be
+    claimed now (the runnable backlog); ``oldest_due_at``: since when the longest-waiting
+    of them has been due. ``refused``: refused ingress messages kept, by reason.
+    """
+
+    taken_at: datetime
+    flows: dict[tuple[str, str], int] = field(default_factory=dict)
+    waits: dict[tuple[str, str], int] = field(default_factory=dict)
+    due: dict[str, int] = field(default_factory=dict)
+    oldest_due_at: datetime | None = None
+    refused: dict[str, int] = field(default_factory=dict)
+    last_sweep_at: datetime | None = None
 
 
 # Turns a signal payload (JSON text) into the JSON text to checkpoint, or raises
@@ -368,6 +392,10 @@ class AdminStore(Protocol):
 
     def list_rejected(self, limit: int = 100) -> list[RejectedRow]:
         """The most recently refused ingress messages, newest first."""
+        ...
+
+    def metrics_snapshot(self) -> MetricsSnapshot:
+        """Counts for the metrics gauges, read in one query (see ``MetricsSnapshot``)."""
         ...
 
 
