@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from celery import Celery
@@ -202,15 +203,26 @@ def make_celery(s: Settings, runtime: Runtime, registry: FlowRegistry) -> Celery
         }
     }
 
-    @app.task(name=SWEEP_TASK, acks_late=False, shared=False)  # type: ignore[untyped-decorator]
-    def sweep() -> dict[str, Any]:
-        report = runtime.sweep()
+    @app.task(name=SWEEP_TASK, acks_late=False, shared=False, bind=True)  # type: ignore[untyped-decorator]
+    def sweep(task: Any) -> dict[str, Any]:
+        report = runtime.sweep(scheduled_at=_sent_at(task.request.expires, s.sweep_interval))
         return {"tick": report.tick, "expired": report.expired, "published": report.published}
 
     _register_child_callbacks(app, runtime)
     for defn in registry.all():
         register_flow_task(app, runtime, defn)
     return app
+
+
+def _sent_at(expires: Any, interval: float) -> float | None:
+    """When beat sent a sweep: its message expires one interval after (for the lag metric)."""
+    if not expires:
+        return None
+    try:
+        when = expires if isinstance(expires, datetime) else datetime.fromisoformat(str(expires))
+    except ValueError:
+        return None
+    return when.timestamp() - interval
 
 
 def _register_child_callbacks(app: Celery, runtime: Runtime) -> None:
