@@ -426,7 +426,7 @@ class Engine:
             Claim(
                 claimed.name,
                 flow_id,
-                claimed.next_seq > 0,
+                claimed.runs > 1,
                 claimed.woke_by,
                 None if woke is None else max(0.0, (self.store.now() - woke).total_seconds()),
             )

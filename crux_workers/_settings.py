@@ -79,6 +79,10 @@ class Settings(BaseSettings):
         ge=64 * 1024,
         description="largest task message body a worker decodes (compressed ones: refused)",
     )
+    metrics_port: int | None = Field(
+        default=None, ge=1, le=65535, description="a worker serves its counters here (/metrics)"
+    )
+    metrics_host: str = Field(default="127.0.0.1", description="address of the worker's metrics")
     embedded_threads: int = Field(default=4, ge=1, le=64, description="embedded executor threads")
     auto_migrate: bool = Field(default=True, description="bring the schema to head on first use")
 

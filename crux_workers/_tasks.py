@@ -209,6 +209,9 @@ def make_celery(s: Settings, runtime: Runtime, registry: FlowRegistry) -> Celery
         return {"tick": report.tick, "expired": report.expired, "published": report.published}
 
     _register_child_callbacks(app, runtime)
+    from .ops._worker import instrument_celery  # metrics, spans, events (docs/observability.md)
+
+    instrument_celery(app, runtime, s)
     for defn in registry.all():
         register_flow_task(app, runtime, defn)
     return app

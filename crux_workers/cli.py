@@ -17,6 +17,7 @@ from ._app import Crux, default_app, set_default_app
 from ._cli_flows import flows
 from ._settings import Settings, redact
 from .errors import CruxError
+from .ops._cli import commands as ops_commands
 
 
 def _import_all(modules: tuple[str, ...]) -> None:
@@ -203,6 +204,8 @@ def _dev_fleet(imports: tuple[str, ...], concurrency: int) -> None:
 
 
 main.add_command(flows)
+for _command in ops_commands:  # metrics, due (crux_workers/ops/_cli.py)
+    main.add_command(_command)
 
 
 @main.group()

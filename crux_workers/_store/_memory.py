@@ -114,6 +114,7 @@ class MemoryStore:
                 cancel_requested=flow.cancel_reason is not None,
                 woke_at=woke_at,
                 woke_by=None if woke_by is None else str(woke_by),
+                runs=flow.runs,
             )
 
     def renew(self, lease: Lease, ttl: float) -> bool:

@@ -58,7 +58,9 @@ class SqlExecutor:
                 wake_kind=None,
                 updated_at=now,
             )
-            .returning(c.epoch, c.name, c.input, c.next_seq, c.retry_attempt, c.cancel_reason)
+            .returning(
+                c.epoch, c.name, c.input, c.next_seq, c.retry_attempt, c.cancel_reason, c.runs
+            )
         )
         with self._db.one() as conn:
             got, woke_at, woke_by = self._claim_and_wake(conn, stmt, flow_id)
@@ -76,6 +78,7 @@ class SqlExecutor:
                 cancel_requested=got.cancel_reason is not None,
                 woke_at=aware(woke_at),
                 woke_by=woke_by,
+                runs=int(got.runs),
             )
         if row is None:
             return NotClaimed("missing")

@@ -42,6 +42,7 @@ class Claimed:
     # (for the resume latency metric); None when nothing had set one.
     woke_at: datetime | None = None
     woke_by: str | None = None
+    runs: int = 0  # claims of this flow so far, this one included
 
 
 SuspendOutcome = Literal["suspended", "expired", "cancelled"]

@@ -489,9 +489,10 @@ def test_metrics_snapshot_counts_flows_waits_and_the_due_backlog(
     claimed = s.claim("rt", "w", 10)
     assert isinstance(claimed, Claimed)
     assert (claimed.woke_at, claimed.woke_by) == (clock() - timedelta(seconds=1), "retry")
+    assert claimed.runs == 2
     started = s.claim("p1", "w", 10)
     assert isinstance(started, Claimed)
-    assert (started.woke_at, started.woke_by) == (first, "run")
+    assert (started.woke_at, started.woke_by, started.runs) == (first, "run", 1)
 
 
 def test_close_releases_connections_and_the_record_stays(store: tuple[CruxStore, Clock]) -> None:
