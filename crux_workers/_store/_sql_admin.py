@@ -170,8 +170,10 @@ class SqlAdmin:
             .add_columns(func.count(), nothing)
             .group_by(r.reason)
         )
+        # The newest tick by its primary key, not a scan of the kept ticks.
+        last = select(sweeps.c.swept_at).order_by(sweeps.c.tick.desc()).limit(1)
         swept = select(part("'swept'"), nothing, nothing, nothing, nothing, part("0")).add_columns(
-            part("0"), func.max(sweeps.c.swept_at)
+            part("0"), last.scalar_subquery()
         )
         with self._db.tx() as conn:
             rows = conn.execute(union_all(active, finished, refused, swept)).all()
