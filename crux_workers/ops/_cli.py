@@ -30,16 +30,12 @@ def metrics(port: int, host: str, once: bool) -> None:
     Flows by status, waits, the due backlog (crux_flows_due: what to autoscale on),
     refused ingress messages and the last sweep, read from the record by one query
     per scrape. Run one per fleet; workers serve their own counters on
-    CRUX_METRICS_PORT (docs/observability.md). Needs the `metrics` extra.
+    CRUX_METRICS_PORT (docs/observability.md).
     """
-    try:
-        from prometheus_client import generate_latest
+    from prometheus_client import generate_latest
 
-        from .metrics import metrics_registry, serve_metrics
-    except ImportError as exc:
-        raise click.ClickException(
-            f"{exc}: install crux_workers[metrics] for the metrics exporter"
-        ) from exc
+    from .metrics import metrics_registry, serve_metrics
+
     app = _record_app()
     try:
         if once:

@@ -15,7 +15,7 @@ Label values are flow names, statuses, wait kinds, signal names, refusal reasons
 outcomes, all bounded by the code; never flow ids or step names (a loop may make
 step names without bound).
 
-Needs ``prometheus-client`` (the ``metrics`` extra).
+``prometheus-client`` is a dependency of the package (pure Python, no dependencies).
 """
 
 from __future__ import annotations
