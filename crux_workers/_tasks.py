@@ -281,8 +281,13 @@ def register_flow_task(app: Celery, runtime: Runtime, defn: FlowDef) -> Any:
     if name in app.tasks:
         return app.tasks[name]
 
-    def advance_flow(flow_id: Any) -> None:
-        runtime.execute(defn.name, flow_id)
+    def advance_flow(flow_id: Any) -> dict[str, Any] | None:
+        outcome = runtime.execute(defn.name, flow_id)
+        # What this execution did, as the task's result: Celery's task-succeeded event
+        # carries it, so Flower and `celery events` show it (no result backend stores it).
+        if outcome is None:
+            return None
+        return {"flow_id": flow_id, "outcome": outcome.kind, "steps_run": outcome.steps_run}
 
     # Celery compiles a signature from __name__: flow names like "first-week" are not
     # identifiers. Arguments are checked by runtime.execute, not by Celery (typing=False).
