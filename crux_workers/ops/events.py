@@ -9,10 +9,11 @@ sends custom events on that task's id:
 - ``task-crux-flow`` when the execution ends: ``crux_status`` is its outcome
   (completed, failed, suspended, cancelled, expired, busy, noop, lost, error).
 
-Both carry ``crux_flow`` and ``crux_flow_id``. Celery's event state merges an event's
-fields into its task, so Flower's task page lists them ("Crux flow id", "Crux step",
-"Crux status": the latest), and the task's state reads CRUX-STEP or CRUX-FLOW until
-Celery's own task-succeeded. Field names are prefixed so none replaces a task field.
+Both carry ``crux_flow`` and ``crux_flow_id`` (prefixed: Celery's event state merges an
+event's fields into its task, and none may replace a task field). Celery's state takes
+a custom event's type as the task's state, so a running execution reads CRUX-STEP or
+CRUX-FLOW in Flower until task-succeeded, whose result is the execution's summary
+(``_tasks.register_flow_task``). ``celery events --dump`` prints every event.
 
 Sent only by workers with task events on (``-E`` or ``worker_send_task_events``),
 best effort: an event that cannot be sent is logged, the flow goes on.

@@ -166,6 +166,7 @@ def test_a_worker_with_events_on_sends_each_step_on_the_flows_task(fleet: Fleet)
     with lock:
         crux = [e for e in events if e.get("crux_flow_id") == run.flow_id]
         received = {e["uuid"] for e in events if e["type"] == "task-received"}
+        results = {e["uuid"]: e["result"] for e in events if e["type"] == "task-succeeded"}
     got = [(e["type"], e["crux_status"], e.get("crux_step")) for e in crux]
     assert got == [
         ("task-crux-step", "committed", "send-welcome"),
@@ -181,6 +182,9 @@ def test_a_worker_with_events_on_sends_each_step_on_the_flows_task(fleet: Fleet)
     first, second = crux[0]["uuid"], crux[3]["uuid"]
     assert first != second and {e["uuid"] for e in crux} == {first, second}
     assert {first, second} <= received
+    # Celery's own task-succeeded carries the execution's summary (Flower's Result column).
+    assert "'outcome': 'suspended'" in results[first] and run.flow_id in results[first]
+    assert "'outcome': 'completed'" in results[second]
 
 
 def _pinged(celery: Any, events: list[dict[str, Any]], lock: threading.Lock) -> bool:
