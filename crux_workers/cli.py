@@ -204,8 +204,6 @@ def _dev_fleet(imports: tuple[str, ...], concurrency: int) -> None:
 
 
 main.add_command(flows)
-for _command in ops_commands:  # metrics, due (crux_workers/ops/_cli.py)
-    main.add_command(_command)
 
 
 @main.group()
@@ -238,3 +236,7 @@ def demo() -> None:
     from ._demo import run_demo
 
     sys.exit(run_demo())
+
+
+for _command in ops_commands:  # metrics, due (crux_workers/ops/_cli.py)
+    main.add_command(_command)
