@@ -46,7 +46,9 @@ def instrument_celery(celery: Any, runtime: Runtime, settings: Settings) -> None
         if settings.metrics_port is not None:
             serve_worker_metrics(runtime, settings.metrics_port, settings.metrics_host)
 
-    worker_init.connect(on_worker_init, weak=False)
+    # Held by the Celery app, connected weakly: an app that goes away takes it along.
+    celery.crux_on_worker_init = on_worker_init
+    worker_init.connect(on_worker_init, weak=True)
 
 
 def serve_worker_metrics(runtime: Runtime, port: int, host: str) -> Any:
