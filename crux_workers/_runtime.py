@@ -64,6 +64,7 @@ class Runtime:
                         ),
                         task_resend_after=s.task_resend_after,
                         max_value_bytes=s.max_value_bytes,
+                        max_lapses=s.max_lapses,
                     )
         return self._engine
 

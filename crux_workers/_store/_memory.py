@@ -80,8 +80,10 @@ class MemoryStore:
             self._flows[flow_id] = flow
             return flow_row(flow, details=False), True
 
-    def claim(self, flow_id: str, owner: str, ttl: float) -> Claimed | NotClaimed:
-        """Take the lease if it is free and the flow has something to do."""
+    def claim(
+        self, flow_id: str, owner: str, ttl: float, *, max_lapses: int | None = None
+    ) -> Claimed | NotClaimed:
+        """Take the lease if it is free; park a flow that took ``max_lapses`` lapses."""
         with self._lock:
             now = self._now()
             flow = self._flows.get(flow_id)
@@ -96,12 +98,18 @@ class MemoryStore:
                     assert flow.lease_until is not None
                     return NotClaimed("busy", (flow.lease_until - now).total_seconds())
                 return NotClaimed("idle")
+            flow.lapses = life.lapses_after_claim(flow.lease_owner, flow.lapses)
             flow.status = FlowStatus.RUNNING
             flow.lease_owner, flow.lease_until = owner, now + timedelta(seconds=ttl)
             flow.epoch += 1
             flow.runs += 1
             flow.wake_at = flow.wake_kind = None
             flow.updated_at = now
+            if life.parks(flow.lapses, max_lapses):
+                lapses = flow.lapses
+                self._s.end(flow, FlowStatus.FAILED)
+                flow.error = life.crash_loop_error(lapses)
+                return NotClaimed("parked")
             return Claimed(
                 Lease(flow_id, owner, flow.epoch),
                 flow.name,
@@ -109,6 +117,7 @@ class MemoryStore:
                 flow.next_seq,
                 failed_attempts=flow.retry_attempt,
                 cancel_requested=flow.cancel_reason is not None,
+                history_digest=flow.history_digest,
             )
 
     def renew(self, lease: Lease, ttl: float) -> bool:
@@ -377,6 +386,10 @@ class MemoryStore:
     def purge_finished(self, before: datetime) -> int:
         """Delete finished flows that ended before ``before``."""
         return self._admin.purge_finished(before)
+
+    def purge_rejected(self, before: datetime) -> int:
+        """Delete refused ingress messages received before ``before``; how many."""
+        return self._admin.purge_rejected(before)
 
     def record_rejected(
         self,

@@ -46,6 +46,14 @@ class MemoryAdmin:
                 del self._s.tasks[key]
             return len(gone)
 
+    def purge_rejected(self, before: datetime) -> int:
+        """Delete refused ingress messages received before ``before``; how many."""
+        with self._s.lock:
+            kept = [r for r in self._s.rejected if r.received_at >= before]
+            gone = len(self._s.rejected) - len(kept)
+            self._s.rejected[:] = kept
+            return gone
+
     def record_rejected(
         self,
         reason: str,

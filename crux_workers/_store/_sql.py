@@ -81,9 +81,11 @@ class SqlStore:
 
     # -- ExecutorStore ------------------------------------------------------------------
 
-    def claim(self, flow_id: str, owner: str, ttl: float) -> Claimed | NotClaimed:
-        """Take the lease if it is free and the flow has something to do."""
-        return self._exec.claim(flow_id, owner, ttl)
+    def claim(
+        self, flow_id: str, owner: str, ttl: float, *, max_lapses: int | None = None
+    ) -> Claimed | NotClaimed:
+        """Take the lease if it is free; park a flow that took ``max_lapses`` lapses."""
+        return self._exec.claim(flow_id, owner, ttl, max_lapses=max_lapses)
 
     def renew(self, lease: Lease, ttl: float) -> bool:
         """Extend the lease; False when it was lost."""
@@ -194,6 +196,10 @@ class SqlStore:
     def purge_finished(self, before: datetime) -> int:
         """Delete finished flows (with their steps and signals) that ended before ``before``."""
         return self._admin.purge_finished(before)
+
+    def purge_rejected(self, before: datetime) -> int:
+        """Delete refused ingress messages received before ``before``; how many."""
+        return self._admin.purge_rejected(before)
 
     def record_rejected(
         self,

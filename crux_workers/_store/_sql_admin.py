@@ -65,6 +65,24 @@ class SqlAdmin:
             if len(ids) < _PURGE_BATCH:
                 return purged
 
+    def purge_rejected(self, before: datetime) -> int:
+        """Delete refused ingress messages received before ``before``; how many."""
+        r = rejected_signals.c
+        purged = 0
+        while True:
+            # Batches, as for flows: short transactions on a large table.
+            with self._db.tx() as conn:
+                ids = (
+                    conn.execute(select(r.id).where(r.received_at < before).limit(_PURGE_BATCH))
+                    .scalars()
+                    .all()
+                )
+                if ids:
+                    conn.execute(delete(rejected_signals).where(r.id.in_(ids)))
+            purged += len(ids)
+            if len(ids) < _PURGE_BATCH:
+                return purged
+
     def record_rejected(
         self,
         reason: str,
