@@ -30,7 +30,7 @@ from ._context_async import AsyncFlowContext
 from ._keeper import keeper
 from ._loop import flow_loop
 from ._models import ErrorInfo, Retry
-from ._store._lifecycle import next_digest
+from ._store._lifecycle import loggable_task_id, next_digest
 from ._store._types import (
     Checkpoint,
     Claimed,
@@ -327,7 +327,10 @@ class Execution:
             # a send that happens twice is one task id, recorded once.
             self.engine.send_child(got.task_id, got.call, child)
             log.info(
-                "flow %s: child task %r sent (%s)", self.lease.flow_id, point.name, got.task_id
+                "flow %s: child task %r sent (%s)",
+                self.lease.flow_id,
+                point.name,
+                loggable_task_id(got.task_id),
             )
             raise Suspended(point.name)
         if isinstance(got, TaskError):

@@ -18,6 +18,7 @@ from ._engine import Advance, Engine, error_json
 from ._ids import valid_id
 from ._models import ErrorInfo
 from ._registry import FlowRegistry
+from ._store._lifecycle import loggable_task_id
 from .errors import NonRetryableError, StoreError, TaskFailed, UnknownFlow, ValueTooLarge
 
 log = logging.getLogger("crux_workers")
@@ -135,7 +136,7 @@ class Runtime:
         except Exception as exc:
             log.warning(
                 "child task %s could not be sent (%r); it is sent again after %ss",
-                task_id,
+                loggable_task_id(task_id),
                 exc,
                 self._s.settings.task_resend_after,
             )

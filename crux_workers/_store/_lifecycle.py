@@ -281,6 +281,12 @@ def flow_of_task_id(task_id: str) -> str | None:
     return ":".join(parts[1:-drop]) or None
 
 
+def loggable_task_id(task_id: str) -> str:
+    """A child task id for logs: without its secret part."""
+    head, _, last = task_id.rpartition(":")
+    return f"{head}:…" if head and len(last) == 32 else task_id
+
+
 def refuse_outcome(task_id: str) -> None:
     """Log a child outcome that names no task ever sent (forged, or of a stale attempt).
 
