@@ -363,9 +363,14 @@ EMPTY_HISTORY = ""
 
 
 def cp_digest(seq: int, kind: str, name: str, occurrence: int, result: str) -> str:
-    """SHA-256 (hex) of a checkpoint's canonical encoding: a compact JSON array."""
-    encoded = json.dumps([seq, kind, name, occurrence, result], separators=(",", ":"))
-    return hashlib.sha256(encoded.encode("ascii")).hexdigest()
+    """SHA-256 (hex) of a checkpoint's canonical encoding.
+
+    ``seq``, ``kind``, ``occurrence``, the length of ``name`` and ``name`` on lines of
+    their own, then ``result`` to the end, in UTF-8: unambiguous (a kind has no newline,
+    the name is length-prefixed, the result comes last) and cheap to compute.
+    """
+    encoded = f"{seq}\n{kind}\n{occurrence}\n{len(name)}\n{name}\n{result}"
+    return hashlib.sha256(encoded.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def chain_link(previous: str, cp_hex: str) -> str:
