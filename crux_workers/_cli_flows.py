@@ -274,9 +274,13 @@ def export(flow_id: str, output: str | None) -> None:
 
 def _json_arg(_ctx: click.Context, _param: click.Parameter, value: str) -> Any:
     try:
-        return json.loads(value)
-    except json.JSONDecodeError as exc:
-        raise click.BadParameter(f"not valid JSON ({exc}): {value!r}") from None
+        parsed = json.loads(value)
+        _json.check_depth(parsed)
+    except (ValueError, RecursionError) as exc:
+        # JSONDecodeError, a 5000-digit integer (ValueError), nesting too deep: exit 2.
+        shown = value if len(value) <= 80 else value[:80] + f"... ({len(value)} chars)"
+        raise click.BadParameter(f"not usable JSON ({str(exc)[:200]}): {shown!r}") from None
+    return parsed
 
 
 @flows.command()

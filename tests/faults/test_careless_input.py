@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -233,3 +234,30 @@ def test_durations_are_bounded_where_they_are_parsed() -> None:
     with pytest.raises(InvalidDuration):
         parse_duration(float("inf"))
     assert parse_duration("3650d") == 3650 * 86400
+
+
+@pytest.mark.parametrize(
+    "payload",
+    ["1" * 5000, "[" * 300 + "]" * 300, "{not json"],
+    ids=["5000-digit-integer", "nested-300-deep", "not-json"],
+)
+def test_the_cli_refuses_unusable_json_with_exit_code_2_not_a_traceback(
+    payload: str, tmp_path: Any
+) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CRUX_")}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
+    done = subprocess.run(
+        [sys.executable, "-m", "crux_workers", "flows", "signal", "some-flow", "go", payload],
+        cwd=tmp_path,  # the embedded default's record lands here
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done
+    assert "Traceback" not in done.stderr and "not usable JSON" in done.stderr
+    assert len(done.stderr) < 2000, "the whole argument was echoed back"
