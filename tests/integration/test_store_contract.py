@@ -648,10 +648,11 @@ def test_retry_makes_a_failed_flow_due_at_its_last_checkpoint_with_fresh_attempt
     s.create_flow("f", "demo", "{}")
     lease = _claim(s, "f")
     s.commit_checkpoint(lease, _cp(0, "a"), started_at=clock(), attempts=1, ttl=10)
-    s.take_task_or_send(lease, _task(1), 10)
+    first = s.take_task_or_send(lease, _task(1), 10)
+    assert isinstance(first, TaskSend)
     with pytest.raises(FlowNotRetryable):
         s.retry_flow("f")
-    s.complete_task("crux:f:1:1", result=None, error='{"type":"E"}')
+    s.complete_task(first.task_id, result=None, error='{"type":"E"}')
     lease = _claim(s, "f")
     assert s.take_task_or_send(lease, _task(1), 10) == TaskError('{"type":"E"}')
     assert s.fail_step(lease, 1, "child", 1, '{"type":"E","message":"1"}', None) == "failed"
