@@ -8,15 +8,15 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import delete, insert, select
+from sqlalchemy import and_, delete, func, insert, or_, select
 
 from .._json import safe_text
 from ._clock import aware
-from ._lifecycle import TERMINAL
-from ._schema import flows, rejected_signals, signals, step_errors, steps, tasks
+from ._lifecycle import ACTIVE, TERMINAL
+from ._schema import flows, rejected_signals, signals, step_errors, steps, sweeps, tasks
 from ._sql_db import SqlDb
 from ._text import clip
-from ._types import FlowFilter, FlowRow, RejectedRow
+from ._types import FlowFilter, FlowPage, FlowRow, RecordOverview, RejectedRow
 
 _PURGE_BATCH = 1000
 
@@ -39,6 +39,46 @@ class SqlAdmin:
             query = query.where(c.waiting_on == where.waiting_on)
         with self._db.tx() as conn:
             return [self._db.flow_row(r) for r in conn.execute(query).all()]
+
+    def page_flows(self, page: FlowPage) -> list[FlowRow]:
+        """One page of flows matching ``page``, newest first, without steps or signals."""
+        c = flows.c
+        query = select(flows).order_by(c.created_at.desc(), c.id).limit(page.limit)
+        for column, value in (
+            (c.status, page.status),
+            (c.name, page.name),
+            (c.waiting_on, page.waiting_on),
+        ):
+            if value is not None:
+                query = query.where(column == value)
+        if page.id_prefix:
+            query = query.where(c.id.startswith(page.id_prefix, autoescape=True))
+        if page.created_from is not None:
+            query = query.where(c.created_at >= page.created_from)
+        if page.created_to is not None:
+            query = query.where(c.created_at < page.created_to)
+        if page.after is not None:
+            at, last_id = page.after
+            query = query.where(or_(c.created_at < at, and_(c.created_at == at, c.id > last_id)))
+        with self._db.tx() as conn:
+            return [self._db.flow_row(r) for r in conn.execute(query).all()]
+
+    def overview(self) -> RecordOverview:
+        """Flow counts by status, the due backlog and the last sweep, in one read."""
+        c = flows.c
+        now = self._db.now()
+        with self._db.tx() as conn:
+            counts = {
+                str(status): int(n)
+                for status, n in conn.execute(select(c.status, func.count()).group_by(c.status))
+            }
+            due, oldest = conn.execute(
+                select(func.count(), func.min(c.wake_at)).where(
+                    c.status.in_(ACTIVE), c.wake_at <= now
+                )
+            ).one()
+            last = conn.execute(select(func.max(sweeps.c.swept_at))).scalar()
+        return RecordOverview(counts, int(due), aware(oldest), aware(last), now)
 
     def purge_finished(self, before: datetime) -> int:
         """Delete finished flows (with their steps and signals) that ended before ``before``."""
