@@ -15,6 +15,7 @@ import click
 
 from ._app import Crux, default_app, set_default_app
 from ._cli_flows import flows
+from ._cli_ui import ui
 from ._settings import Settings, redact
 from .errors import CruxError
 
@@ -203,6 +204,7 @@ def _dev_fleet(imports: tuple[str, ...], concurrency: int) -> None:
 
 
 main.add_command(flows)
+main.add_command(ui)
 
 
 @main.group()

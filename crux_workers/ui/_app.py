@@ -1,0 +1,835 @@
+"""The console as an ASGI app: its routes, pages and JSON API, behind the guard.
+
+Pages are rendered on the server (Jinja, autoescaped); forms post to the same actions
+the JSON API offers, so everything works without JavaScript, and the small vendored
+script only refreshes the live parts of a page and ticks its clocks.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlencode
+
+import jinja2
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, RedirectResponse, Response
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.templating import Jinja2Templates
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from ..errors import (
+    CruxError,
+    FlowAlreadyFinished,
+    FlowNotFound,
+    FlowNotWaiting,
+    InvalidInput,
+    StoreError,
+)
+from . import _security as sec
+from ._data import STATUSES, WAKE_WORDS, ConsoleData, ListQuery, Unavailable, flow_summary
+from ._format import ago, countdown, json_text, preview, safe, safe_lines, span
+from ._forms import errors_by_field, fields_of, payload_of
+
+_HERE = Path(__file__).parent
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+# -- responses ------------------------------------------------------------------------------
+
+
+class SafeJSONResponse(JSONResponse):
+    """JSON with every non-ASCII, control and HTML-special character escaped.
+
+    What the record holds comes from users and other services: escaped this way, a
+    value cannot end a ``<script>`` block or reach a terminal as a control sequence.
+    """
+
+    def render(self, content: Any) -> bytes:
+        """The body: ASCII JSON with ``<``, ``>`` and ``&`` as ``\\u`` escapes."""
+        text = json.dumps(content, ensure_ascii=True, allow_nan=False, default=str)
+        return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026").encode()
+
+
+def status_of(exc: Exception) -> int:
+    """The HTTP status that fits an error of the record or of the request."""
+    if isinstance(exc, FlowNotFound):
+        return 404
+    if isinstance(exc, FlowNotWaiting | FlowAlreadyFinished) or type(exc).__name__ in (
+        "FlowNotRetryable",
+    ):
+        return 409
+    if isinstance(exc, InvalidInput):
+        return 422
+    if isinstance(exc, Unavailable):
+        return 501
+    if isinstance(exc, StoreError):
+        return 503
+    return 400
+
+
+def error_body(exc: Exception) -> dict[str, Any]:
+    """An error as the API returns it: its type, message and status (and field errors)."""
+    body: dict[str, Any] = {
+        "error": type(exc).__name__,
+        "message": safe(str(exc)),
+        "status": status_of(exc),
+    }
+    errors = getattr(exc, "errors", None)
+    if isinstance(errors, list):
+        body["errors"] = json.loads(json.dumps(errors, default=str))
+    return body
+
+
+def api_error(exc: Exception) -> Response:
+    """An error as a JSON response with its status."""
+    body = error_body(exc)
+    return SafeJSONResponse(body, status_code=body["status"])
+
+
+def _problem(status: int, message: str) -> Response:
+    return SafeJSONResponse(
+        {"error": "Refused", "message": message, "status": status}, status_code=status
+    )
+
+
+# -- the guard: Host, token ----------------------------------------------------------------
+
+
+def route_path(scope: Scope) -> str:
+    """The request's path inside the console (without the prefix it is mounted at)."""
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path
+
+
+class Guard:
+    """Refuses a request for an unknown Host, or without the token when one is set."""
+
+    def __init__(self, app: ASGIApp, *, token: str | None, hosts: tuple[str, ...] | None) -> None:
+        self.app = app
+        self.token = token
+        self.hosts = hosts
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Check, then pass the request on (or answer it)."""
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope)
+        path = route_path(scope)
+        if not sec.host_allowed(request.headers.get("host"), self.hosts):
+            await _problem(400, "unknown Host: open the console by its loopback address")(
+                scope, receive, send
+            )
+            return
+        scope.setdefault("state", {})
+        scope["state"]["crux_auth"] = "none"
+        if self.token is not None and not (path == "/login" or path.startswith("/static/")):
+            given = sec.bearer(request.headers.get("authorization"))
+            if sec.same(given, self.token):
+                scope["state"]["crux_auth"] = "bearer"
+            elif sec.same(request.cookies.get(sec.SESSION_COOKIE), sec.session_value(self.token)):
+                scope["state"]["crux_auth"] = "cookie"
+            else:
+                response: Response
+                if path.startswith("/api/") or path == "/metrics" or request.method != "GET":
+                    response = _problem(401, "a token is required: Authorization: Bearer TOKEN")
+                else:
+                    root = scope.get("root_path", "")
+                    target = path + (f"?{request.url.query}" if request.url.query else "")
+                    response = RedirectResponse(
+                        f"{root}/login?{urlencode({'next': target})}", status_code=303
+                    )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+# -- the console ----------------------------------------------------------------------------
+
+
+class Console:
+    """The console's handlers over one app."""
+
+    def __init__(
+        self,
+        data: ConsoleData,
+        *,
+        token: str | None,
+        read_only: bool,
+        metrics: bool,
+    ) -> None:
+        self.data = data
+        self.token = token
+        self.read_only = read_only
+        self.metrics = metrics
+        env = jinja2.Environment(
+            loader=jinja2.FileSystemLoader(_HERE / "templates"),
+            autoescape=True,
+            undefined=jinja2.StrictUndefined,
+        )
+        env.filters.update(
+            safe_text=lambda v: "" if v is None else safe(str(v)),
+            safe_lines=lambda v: "" if v is None else safe_lines(str(v)),
+            preview=preview,
+            json=json_text,
+            quote=lambda v: quote(str(v), safe=""),
+        )
+        self.templates = Jinja2Templates(env=env)
+
+    # -- helpers ------------------------------------------------------------------------
+
+    @staticmethod
+    def root(request: Request) -> str:
+        """The prefix the console is mounted at ("" at the top)."""
+        return str(request.scope.get("root_path", ""))
+
+    def render(
+        self, request: Request, name: str, context: Mapping[str, Any], status: int = 200
+    ) -> Response:
+        """A page, with what every page needs; sets the CSRF cookie on first visit."""
+        csrf = request.cookies.get(sec.CSRF_COOKIE)
+        fresh = not csrf
+        if not csrf:
+            csrf = sec.new_csrf()
+        now = context.get("now") or self.data.now()
+        root = self.root(request)
+
+        def url(path: str, **params: Any) -> str:
+            query = {k: v for k, v in params.items() if v not in (None, "")}
+            return root + path + (f"?{urlencode(query)}" if query else "")
+
+        ctx = {
+            "request": request,
+            "root": root,
+            "url": url,
+            "flow_url": lambda flow_id: f"{root}/flows/{quote(str(flow_id), safe='')}",
+            "csrf": csrf,
+            "csrf_field": sec.CSRF_FIELD,
+            "read_only": self.read_only,
+            "logged_in": self.token is not None and request.state.crux_auth == "cookie",
+            "has_waiting": self.data.has("waiting"),
+            "has_retry": self.data.has("retry_flow"),
+            "has_fork": self.data.has("fork_flow"),
+            "metrics": self.metrics,
+            "now": now,
+            "ago": lambda t: ago(t, now),
+            "countdown": lambda t: countdown(t, now),
+            "span": span,
+            "wake_words": WAKE_WORDS,
+            "statuses": STATUSES,
+            "notice": None,
+            "error": None,
+            **context,
+        }
+        response = self.templates.TemplateResponse(request, name, ctx, status_code=status)
+        response.headers["cache-control"] = "no-store"
+        if fresh:
+            response.set_cookie(
+                sec.CSRF_COOKIE,
+                csrf,
+                httponly=True,
+                samesite="strict",
+                secure=request.url.scheme == "https",
+                path=root or "/",
+            )
+        return response
+
+    async def form(self, request: Request) -> dict[str, str]:
+        """A POSTed form, after the read-only and CSRF checks (``Refused`` when they fail)."""
+        self.check_action(request)
+        form = await request.form()
+        values = {k: v for k, v in form.items() if isinstance(v, str)}
+        if not sec.same(values.get(sec.CSRF_FIELD), request.cookies.get(sec.CSRF_COOKIE)):
+            raise Refused(403, "the form's CSRF token is missing or stale: reload the page")
+        return values
+
+    async def body(self, request: Request) -> Any:
+        """A POSTed JSON body, after the read-only and CSRF checks."""
+        self.check_action(request)
+        if request.state.crux_auth != "bearer" and not sec.same(
+            request.headers.get(sec.CSRF_HEADER), request.cookies.get(sec.CSRF_COOKIE)
+        ):
+            raise Refused(
+                403,
+                "a CSRF token is required: the X-CSRF-Token header equal to the "
+                f"{sec.CSRF_COOKIE} cookie, or an Authorization: Bearer token",
+            )
+        raw = await request.body()
+        if not raw.strip():
+            return {}
+        try:
+            return json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise InvalidInput(f"the request body is not JSON: {exc}") from None
+
+    def check_action(self, request: Request) -> None:
+        """Refuse an action in read-only mode."""
+        if self.read_only:
+            raise Refused(403, "this console is read-only")
+
+    # -- pages --------------------------------------------------------------------------
+
+    async def home(self, request: Request) -> Response:
+        """The front page is the flows list."""
+        return RedirectResponse(f"{self.root(request)}/flows", status_code=303)
+
+    async def flows_page(self, request: Request) -> Response:
+        """Counts by status, the filter, one page of flows."""
+        now = await run_in_threadpool(self.data.now)
+        problem: str | None = None
+        try:
+            query = ListQuery.parse(dict(request.query_params), now)
+        except InvalidInput as exc:
+            query, problem = ListQuery(), str(exc)
+        if query.q and not query.after:
+            exact = await run_in_threadpool(self.data.find_exact, query.q)
+            if exact is not None and request.query_params.get("jump", "1") != "0":
+                return RedirectResponse(
+                    f"{self.root(request)}/flows/{quote(exact, safe='')}", status_code=303
+                )
+        listing = await run_in_threadpool(self.data.list_flows, query)
+        return self.render(
+            request,
+            "flows.html",
+            {
+                "title": "Flows",
+                "nav": "flows",
+                "query": query,
+                "listing": listing,
+                "error": problem,
+                "notice": _notice(request),
+                "now": now,
+            },
+            status=422 if problem else 200,
+        )
+
+    async def flow_page(
+        self,
+        request: Request,
+        *,
+        flow_id: str | None = None,
+        status: int = 200,
+        **extra: Any,
+    ) -> Response:
+        """One flow: what it waits on, its timeline, signals, input, result, actions."""
+        flow_id = flow_id if flow_id is not None else request.path_params["flow_id"]
+        try:
+            state = await run_in_threadpool(self.data.get_flow, flow_id)
+        except CruxError as exc:
+            code = status_of(exc)
+            return self.render(
+                request,
+                "missing.html",
+                {"title": "Flow not found", "nav": "flows", "flow_id": flow_id, "error": str(exc)},
+                status=code,
+            )
+        schema = getattr(state, "waiting_schema", None)
+        context = {
+            "title": f"Flow {safe(state.flow_id)}",
+            "nav": "flows",
+            "flow": state,
+            "schema_fields": fields_of(schema) if state.waiting_on else None,
+            "schema": schema,
+            "forked_from": getattr(state, "forked_from", None),
+            "field_errors": {},
+            "form_values": {},
+            "signal_error": None,
+            "cancel_error": None,
+            "fork_error": None,
+            "retry_error": None,
+            "notice": _notice(request),
+            "tasks": [s for s in state.steps if s.kind == "task"],
+            **extra,
+        }
+        return self.render(request, "flow.html", context, status=status)
+
+    async def rejected_page(self, request: Request) -> Response:
+        """Signal messages the ingress refused, newest first, with the reason."""
+        rows = await run_in_threadpool(self.data.rejected, 200)
+        return self.render(
+            request, "rejected.html", {"title": "Refused messages", "nav": "rejected", "rows": rows}
+        )
+
+    async def fleet_page(self, request: Request) -> Response:
+        """Due backlog, queue depths, the sweeper's last run; the purge form."""
+        fleet = await run_in_threadpool(self.data.fleet)
+        return self.render(
+            request,
+            "fleet.html",
+            {"title": "Fleet", "nav": "fleet", "fleet": fleet, "notice": _notice(request)},
+        )
+
+    async def waiting_page(self, request: Request) -> Response:
+        """Flows grouped by what they wait on."""
+        name = request.query_params.get("name") or None
+        problem: str | None = None
+        try:
+            groups = await run_in_threadpool(self.data.waiting, name)
+        except Unavailable as exc:
+            groups, problem = [], str(exc)
+        return self.render(
+            request,
+            "waiting.html",
+            {"title": "Waiting", "nav": "waiting", "groups": groups, "error": problem},
+        )
+
+    async def login_page(self, request: Request) -> Response:
+        """The login form (only where a token is set)."""
+        target = _local_target(request.query_params.get("next"))
+        if request.method == "POST":
+            form = await request.form()
+            given = form.get("token")
+            if self.token is not None and isinstance(given, str) and sec.same(given, self.token):
+                response = RedirectResponse(f"{self.root(request)}{target}", status_code=303)
+                response.set_cookie(
+                    sec.SESSION_COOKIE,
+                    sec.session_value(self.token),
+                    httponly=True,
+                    samesite="strict",
+                    secure=request.url.scheme == "https",
+                    path=self.root(request) or "/",
+                )
+                return response
+            return self.render(
+                request,
+                "login.html",
+                {"title": "Sign in", "nav": "", "next": target, "error": "That token is not it."},
+                status=401,
+            )
+        return self.render(request, "login.html", {"title": "Sign in", "nav": "", "next": target})
+
+    async def logout(self, request: Request) -> Response:
+        """Forget the session cookie."""
+        form = await request.form()
+        given = form.get(sec.CSRF_FIELD)
+        if not isinstance(given, str) or not sec.same(given, request.cookies.get(sec.CSRF_COOKIE)):
+            raise Refused(403, "the form's CSRF token is missing or stale: reload the page")
+        response = RedirectResponse(f"{self.root(request)}/login", status_code=303)
+        response.delete_cookie(sec.SESSION_COOKIE, path=self.root(request) or "/")
+        return response
+
+    # -- page actions (forms) ---------------------------------------------------------------
+
+    async def signal_form(self, request: Request) -> Response:
+        """Send a signal from the flow page; errors shown in place, next to the field."""
+        flow_id = request.path_params["flow_id"]
+        form = await self.form(request)
+        name = form.get("name", "").strip()
+        key = form.get("key", "").strip() or None
+        state = await run_in_threadpool(self.data.get_flow, flow_id)
+        fields = fields_of(getattr(state, "waiting_schema", None))
+        payload: Any
+        field_errors: dict[str, str] = {}
+        if fields is not None and "payload" not in form:
+            payload, field_errors = payload_of(fields, form)
+        else:
+            try:
+                payload = json.loads(form.get("payload", "") or "null")
+            except ValueError as exc:
+                return await self.flow_page(
+                    request,
+                    status=422,
+                    signal_error=f"The payload is not valid JSON: {exc}",
+                    form_values=form,
+                )
+        if field_errors:
+            return await self.flow_page(
+                request,
+                status=422,
+                signal_error="Some fields need fixing.",
+                field_errors=field_errors,
+                form_values=form,
+            )
+        try:
+            receipt = await run_in_threadpool(self.data.signal, flow_id, name, payload, key)
+        except CruxError as exc:
+            errors = getattr(exc, "errors", None)
+            by_field, general = errors_by_field(errors) if isinstance(errors, list) else ({}, [])
+            message = str(exc) if not by_field else "Some fields need fixing."
+            if general:
+                message += " " + "; ".join(general)
+            return await self.flow_page(
+                request,
+                status=status_of(exc),
+                signal_error=message,
+                field_errors=by_field,
+                form_values=form,
+            )
+        done = "signal-duplicate" if receipt.get("duplicate") else "signal"
+        return self._back(request, flow_id, done)
+
+    async def cancel_form(self, request: Request) -> Response:
+        """Cancel from the flow page, with a reason."""
+        flow_id = request.path_params["flow_id"]
+        form = await self.form(request)
+        reason = form.get("reason", "").strip()
+        if not reason:
+            return await self.flow_page(
+                request, status=422, cancel_error="Say why: the reason is kept with the flow."
+            )
+        try:
+            status = await run_in_threadpool(self.data.cancel, flow_id, reason)
+        except CruxError as exc:
+            return await self.flow_page(request, status=status_of(exc), cancel_error=str(exc))
+        return self._back(request, flow_id, status)
+
+    async def retry_form(self, request: Request) -> Response:
+        """Retry a failed flow from the flow page."""
+        flow_id = request.path_params["flow_id"]
+        await self.form(request)
+        try:
+            await run_in_threadpool(self.data.retry, flow_id)
+        except (CruxError, Unavailable) as exc:
+            return await self.flow_page(request, status=status_of(exc), retry_error=str(exc))
+        return self._back(request, flow_id, "retried")
+
+    async def fork_form(self, request: Request) -> Response:
+        """Fork the flow at a checkpoint, optionally with edited input; opens the new flow."""
+        flow_id = request.path_params["flow_id"]
+        form = await self.form(request)
+        try:
+            at = int(form.get("at", ""))
+        except ValueError:
+            return await self.flow_page(request, status=422, fork_error="Choose a checkpoint.")
+        text = form.get("input", "").strip()
+        new_input: Any = None
+        if text:
+            try:
+                new_input = json.loads(text)
+            except ValueError as exc:
+                return await self.flow_page(
+                    request, status=422, fork_error=f"The input is not valid JSON: {exc}"
+                )
+        try:
+            new_id = await run_in_threadpool(self.data.fork, flow_id, at, new_input)
+        except (CruxError, Unavailable) as exc:
+            return await self.flow_page(request, status=status_of(exc), fork_error=str(exc))
+        return self._back(request, new_id, "forked")
+
+    async def bulk_page(self, request: Request) -> Response:
+        """Bulk cancel or retry by the current filter: shows the count, then does it."""
+        now = await run_in_threadpool(self.data.now)
+        params: Mapping[str, str]
+        if request.method == "POST":
+            params = await self.form(request)
+        else:
+            self.check_action(request)
+            params = dict(request.query_params)
+        action = params.get("action")
+        if action not in ("cancel", "retry"):
+            raise Refused(422, "action must be cancel or retry")
+        query = ListQuery.parse(dict(params), now)
+        statuses = ("failed",) if action == "retry" else ("pending", "running", "suspended")
+        ids = await run_in_threadpool(self.data.matching, query, statuses)
+        if request.method == "POST" and params.get("confirm") == "yes":
+            if action == "cancel":
+                reason = params.get("reason", "").strip() or "cancelled from the console"
+                outcome = await run_in_threadpool(self.data.cancel_many, ids, reason)
+                count = sum(1 for v in outcome.values() if not v.startswith("skipped"))
+            else:
+                count = 0
+                for flow_id in ids:
+                    try:
+                        await run_in_threadpool(self.data.retry, flow_id)
+                        count += 1
+                    except CruxError:
+                        pass
+            back = {**query.params(), "done": f"bulk-{action}", "n": count}
+            return RedirectResponse(
+                f"{self.root(request)}/flows?{urlencode(back)}", status_code=303
+            )
+        return self.render(
+            request,
+            "bulk.html",
+            {
+                "title": f"Bulk {action}",
+                "nav": "flows",
+                "action": action,
+                "query": query,
+                "ids": ids,
+                "now": now,
+            },
+        )
+
+    async def purge_form(self, request: Request) -> Response:
+        """Delete finished flows older than the age given."""
+        form = await self.form(request)
+        try:
+            count, _cutoff = await run_in_threadpool(
+                self.data.purge, form.get("finished_before", "")
+            )
+        except CruxError as exc:
+            fleet = await run_in_threadpool(self.data.fleet)
+            return self.render(
+                request,
+                "fleet.html",
+                {"title": "Fleet", "nav": "fleet", "fleet": fleet, "purge_error": str(exc)},
+                status=status_of(exc),
+            )
+        return RedirectResponse(
+            f"{self.root(request)}/fleet?{urlencode({'done': 'purged', 'n': count})}",
+            status_code=303,
+        )
+
+    def _back(self, request: Request, flow_id: str, done: str) -> Response:
+        return RedirectResponse(
+            f"{self.root(request)}/flows/{quote(flow_id, safe='')}?done={quote(done)}",
+            status_code=303,
+        )
+
+    # -- JSON API -------------------------------------------------------------------------
+
+    async def api_flows(self, request: Request) -> Response:
+        """``GET /api/flows``: one page, newest first, and the cursor of the next."""
+        now = await run_in_threadpool(self.data.now)
+        query = ListQuery.parse(dict(request.query_params), now)
+        listing = await run_in_threadpool(self.data.list_flows, query)
+        return SafeJSONResponse(
+            {
+                "flows": [flow_summary(r) for r in listing.rows],
+                "next": listing.next_cursor,
+                "counts": listing.overview.counts,
+            }
+        )
+
+    async def api_flow(self, request: Request) -> Response:
+        """``GET /api/flows/{id}``: everything the record holds about the flow."""
+        state = await run_in_threadpool(self.data.get_flow, request.path_params["flow_id"])
+        return SafeJSONResponse(state.model_dump(mode="json"))
+
+    async def api_signal(self, request: Request) -> Response:
+        """``POST /api/flows/{id}/signal`` with ``{"name", "payload", "key"}``."""
+        body = await self.body(request)
+        if not isinstance(body, dict) or not isinstance(body.get("name"), str):
+            raise InvalidInput('the body must be {"name": ..., "payload": ..., "key": ...}')
+        key = body.get("key")
+        if key is not None and not isinstance(key, str):
+            raise InvalidInput("key must be a string")
+        receipt = await run_in_threadpool(
+            self.data.signal,
+            request.path_params["flow_id"],
+            body["name"],
+            body.get("payload"),
+            key,
+        )
+        return SafeJSONResponse(receipt)
+
+    async def api_cancel(self, request: Request) -> Response:
+        """``POST /api/flows/{id}/cancel`` with ``{"reason"}``."""
+        body = await self.body(request)
+        reason = body.get("reason", "") if isinstance(body, dict) else None
+        if not isinstance(reason, str):
+            raise InvalidInput('the body must be {"reason": "..."}')
+        flow_id = request.path_params["flow_id"]
+        status = await run_in_threadpool(self.data.cancel, flow_id, reason)
+        return SafeJSONResponse({"flow_id": flow_id, "status": status})
+
+    async def api_retry(self, request: Request) -> Response:
+        """``POST /api/flows/{id}/retry``: resume a failed flow from its last checkpoint."""
+        await self.body(request)
+        flow_id = request.path_params["flow_id"]
+        status = await run_in_threadpool(self.data.retry, flow_id)
+        return SafeJSONResponse({"flow_id": flow_id, "status": status})
+
+    async def api_fork(self, request: Request) -> Response:
+        """``POST /api/flows/{id}/fork`` with ``{"at", "input"}``: the new flow's id."""
+        body = await self.body(request)
+        at = body.get("at") if isinstance(body, dict) else None
+        if not isinstance(at, int) or isinstance(at, bool):
+            raise InvalidInput('the body must be {"at": N, "input": ... (optional)}')
+        new_id = await run_in_threadpool(
+            self.data.fork, request.path_params["flow_id"], at, body.get("input")
+        )
+        return SafeJSONResponse({"flow_id": new_id, "forked_from": request.path_params["flow_id"]})
+
+    async def api_waiting(self, request: Request) -> Response:
+        """``GET /api/waiting``: flows grouped by what they wait on."""
+        groups = await run_in_threadpool(self.data.waiting, request.query_params.get("name"))
+        return SafeJSONResponse({"groups": groups})
+
+    async def api_rejected(self, request: Request) -> Response:
+        """``GET /api/rejected``: refused signal messages, newest first."""
+        try:
+            limit = min(max(int(request.query_params.get("limit") or 100), 1), 1000)
+        except ValueError:
+            raise InvalidInput("limit must be a whole number") from None
+        rows = await run_in_threadpool(self.data.rejected, limit)
+        return SafeJSONResponse(
+            {
+                "rejected": [
+                    {
+                        "id": r.id,
+                        "reason": r.reason,
+                        "detail": r.detail,
+                        "flow_id": r.flow_id,
+                        "name": r.name,
+                        "key": r.key,
+                        "raw": r.raw,
+                        "received_at": r.received_at.isoformat(),
+                    }
+                    for r in rows
+                ]
+            }
+        )
+
+    async def api_fleet(self, request: Request) -> Response:
+        """``GET /api/fleet``: backlog, queue depths, the sweeper."""
+        return SafeJSONResponse(await run_in_threadpool(self.data.fleet))
+
+    async def api_purge(self, request: Request) -> Response:
+        """``POST /api/purge`` with ``{"finished_before": "30d"}``."""
+        body = await self.body(request)
+        age = body.get("finished_before") if isinstance(body, dict) else None
+        if not isinstance(age, str):
+            raise InvalidInput('the body must be {"finished_before": "30d"}')
+        count, cutoff = await run_in_threadpool(self.data.purge, age)
+        return SafeJSONResponse({"purged": count, "finished_before": cutoff.isoformat()})
+
+
+class Refused(Exception):
+    """A request the console refuses (CSRF, read-only), with its HTTP status."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+_NOTICES = {
+    "signal": "Signal recorded.",
+    "signal-duplicate": "That signal key was already recorded: nothing new was sent.",
+    "cancelled": "Flow cancelled.",
+    "cancelling": "Cancel requested: the flow stops at its next step boundary.",
+    "retried": "Retry requested: the flow resumes from its last checkpoint.",
+    "forked": "This is the new flow, forked from the original.",
+    "bulk-cancel": "Cancelled {n} flow(s).",
+    "bulk-retry": "Retried {n} flow(s).",
+    "purged": "Purged {n} finished flow(s).",
+}
+
+
+def _notice(request: Request) -> str | None:
+    text = _NOTICES.get(request.query_params.get("done", ""))
+    if text is None:
+        return None
+    n = request.query_params.get("n", "")
+    return text.format(n=n if n.isdigit() else "some")
+
+
+def _local_target(value: str | None) -> str:
+    """A path inside the console to go back to after login (never another site)."""
+    if not value or not value.startswith("/") or value.startswith("//") or "\\" in value:
+        return "/flows"
+    return value
+
+
+def _api(fn: Handler) -> Handler:
+    """An API handler whose errors come back as JSON with the status that fits."""
+
+    async def handle(request: Request) -> Response:
+        try:
+            return await fn(request)
+        except Refused as exc:
+            return _problem(exc.status, str(exc))
+        except (CruxError, Unavailable) as exc:
+            return api_error(exc)
+
+    return handle
+
+
+def _page(console: Console, fn: Handler) -> Handler:
+    """A page handler: refusals and record errors as a readable page, not a trace."""
+
+    async def handle(request: Request) -> Response:
+        try:
+            return await fn(request)
+        except Refused as exc:
+            return console.render(
+                request,
+                "refused.html",
+                {"title": "Refused", "nav": "", "message": str(exc)},
+                status=exc.status,
+            )
+        except (CruxError, Unavailable) as exc:
+            return console.render(
+                request,
+                "refused.html",
+                {"title": "Error", "nav": "", "message": str(exc)},
+                status=status_of(exc),
+            )
+
+    return handle
+
+
+def _metrics_app(crux: Any) -> ASGIApp | None:
+    try:
+        from .. import ops  # type: ignore[attr-defined, unused-ignore]
+    except ImportError:
+        return None
+    make = getattr(ops, "metrics_asgi_app", None)
+    return make(crux) if callable(make) else None
+
+
+def create_app(
+    crux_app: Any,
+    *,
+    token: str | None = None,
+    read_only: bool = False,
+    hosts: tuple[str, ...] | None = None,
+) -> Starlette:
+    """The operator console for ``crux_app`` as an ASGI app, to serve or mount.
+
+    ``token``: required on every page and API call (Bearer header or the login
+    cookie); leave it unset only where the console is reachable from loopback
+    alone. ``read_only``: no actions are shown, and action endpoints answer 403.
+    ``hosts``: the Host names it answers to (``crux-workers ui`` pins loopback when
+    it runs without a token); None accepts any.
+    """
+    data = ConsoleData(crux_app)
+    metrics_app = _metrics_app(crux_app)
+    c = Console(data, token=token, read_only=read_only, metrics=metrics_app is not None)
+
+    def page(fn: Handler) -> Handler:
+        return _page(c, fn)
+
+    routes: list[BaseRoute] = [
+        Route("/", page(c.home)),
+        Route("/flows", page(c.flows_page)),
+        Route("/flows/{flow_id:path}/signal", page(c.signal_form), methods=["POST"]),
+        Route("/flows/{flow_id:path}/cancel", page(c.cancel_form), methods=["POST"]),
+        Route("/flows/{flow_id:path}/retry", page(c.retry_form), methods=["POST"]),
+        Route("/flows/{flow_id:path}/fork", page(c.fork_form), methods=["POST"]),
+        Route("/flows/{flow_id:path}", page(c.flow_page)),
+        Route("/bulk", page(c.bulk_page), methods=["GET", "POST"]),
+        Route("/purge", page(c.purge_form), methods=["POST"]),
+        Route("/waiting", page(c.waiting_page)),
+        Route("/rejected", page(c.rejected_page)),
+        Route("/fleet", page(c.fleet_page)),
+        Route("/login", c.login_page, methods=["GET", "POST"]),
+        Route("/logout", page(c.logout), methods=["POST"]),
+        Route("/api/flows", _api(c.api_flows)),
+        Route("/api/flows/{flow_id:path}/signal", _api(c.api_signal), methods=["POST"]),
+        Route("/api/flows/{flow_id:path}/cancel", _api(c.api_cancel), methods=["POST"]),
+        Route("/api/flows/{flow_id:path}/retry", _api(c.api_retry), methods=["POST"]),
+        Route("/api/flows/{flow_id:path}/fork", _api(c.api_fork), methods=["POST"]),
+        Route("/api/flows/{flow_id:path}", _api(c.api_flow)),
+        Route("/api/waiting", _api(c.api_waiting)),
+        Route("/api/rejected", _api(c.api_rejected)),
+        Route("/api/fleet", _api(c.api_fleet)),
+        Route("/api/purge", _api(c.api_purge), methods=["POST"]),
+        Mount("/static", StaticFiles(directory=_HERE / "static"), name="static"),
+    ]
+    if metrics_app is not None:
+        routes.append(Route("/metrics", metrics_app))
+    app = Starlette(routes=routes)
+    app.add_middleware(Guard, token=token, hosts=hosts)
+    return app
+
+
+__all__ = ["SafeJSONResponse", "create_app", "error_body", "status_of"]
