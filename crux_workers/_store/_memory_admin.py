@@ -36,7 +36,7 @@ class MemoryAdmin:
         def wanted(f: MemoryFlow) -> bool:
             if page.after is not None:
                 at, last_id = page.after
-                if f.created_at > at or (f.created_at == at and f.id <= last_id):
+                if f.created_at > at or (f.created_at == at and f.id >= last_id):
                     return False
             return (
                 (page.status is None or f.status == page.status)
@@ -49,7 +49,7 @@ class MemoryAdmin:
 
         with self._s.lock:
             found = [f for f in self._s.flows.values() if wanted(f)]
-            found.sort(key=lambda f: (-f.created_at.timestamp(), f.id))
+            found.sort(key=lambda f: (f.created_at, f.id), reverse=True)
             return [flow_row(f, details=False) for f in found[: page.limit]]
 
     def overview(self) -> RecordOverview:

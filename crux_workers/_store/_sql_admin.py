@@ -43,7 +43,8 @@ class SqlAdmin:
     def page_flows(self, page: FlowPage) -> list[FlowRow]:
         """One page of flows matching ``page``, newest first, without steps or signals."""
         c = flows.c
-        query = select(flows).order_by(c.created_at.desc(), c.id).limit(page.limit)
+        # Both keys descending, so the (created_at, id) indexes serve the page as they are.
+        query = select(flows).order_by(c.created_at.desc(), c.id.desc()).limit(page.limit)
         for column, value in (
             (c.status, page.status),
             (c.name, page.name),
@@ -59,7 +60,7 @@ class SqlAdmin:
             query = query.where(c.created_at < page.created_to)
         if page.after is not None:
             at, last_id = page.after
-            query = query.where(or_(c.created_at < at, and_(c.created_at == at, c.id > last_id)))
+            query = query.where(or_(c.created_at < at, and_(c.created_at == at, c.id < last_id)))
         with self._db.tx() as conn:
             return [self._db.flow_row(r) for r in conn.execute(query).all()]
 

@@ -203,7 +203,7 @@ class FlowFilter:
 
 @dataclass(frozen=True, slots=True)
 class FlowPage:
-    """One page of ``page_flows``: a filter, newest first, after a keyset cursor.
+    """One page of ``page_flows``: a filter, newest first (ties: greater id first).
 
     ``after`` is the ``(created_at, id)`` of the previous page's last row: the page
     starts strictly after it, so page 1000 costs what page 1 does. ``id_prefix``

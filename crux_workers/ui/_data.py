@@ -7,6 +7,7 @@ looked up by name, so the console offers them exactly when the app has them.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
@@ -165,6 +166,10 @@ def flow_summary(row: FlowRow) -> dict[str, Any]:
         "updated_at": _iso(row.updated_at),
         "finished_at": _iso(row.finished_at),
     }
+
+
+def _iso_default(value: Any) -> str:
+    return value.isoformat() if isinstance(value, datetime) else str(value)
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -331,8 +336,13 @@ class ConsoleData:
         groups = self._op("waiting")(name=name)
         out = []
         for g in groups:
-            item = g.model_dump(mode="json") if hasattr(g, "model_dump") else dict(vars(g))
-            out.append(json.loads(json.dumps(item, default=str)))
+            if hasattr(g, "model_dump"):
+                item = g.model_dump(mode="json")
+            elif dataclasses.is_dataclass(g) and not isinstance(g, type):
+                item = dataclasses.asdict(g)
+            else:
+                item = dict(g)
+            out.append(json.loads(json.dumps(item, default=_iso_default)))
         return out
 
 

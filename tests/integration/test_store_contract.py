@@ -439,16 +439,16 @@ def test_page_flows_walks_the_filter_newest_first_by_keyset_and_overview_counts(
             pages.append([r.id for r in rows])
             after = (rows[-1].created_at, rows[-1].id)
 
-    everything = [["q_%", "p4", "p5"], ["p2", "p3", "p0"], ["p1"]]
+    everything = [["q_%", "p5", "p4"], ["p3", "p2", "p1"], ["p0"]]
     assert walk(FlowPage(limit=3)) == everything
-    assert walk(FlowPage(limit=2, name="a")) == [["q_%", "p5"], ["p2", "p3"], ["p0", "p1"]]
+    assert walk(FlowPage(limit=2, name="a")) == [["q_%", "p5"], ["p3", "p2"], ["p1", "p0"]]
     assert walk(FlowPage(status="suspended", waiting_on="go")) == [["p1"]]
     assert walk(FlowPage(id_prefix="q_")) == [["q_%"]]
     assert walk(FlowPage(id_prefix="p_")) == []  # the prefix is literal, not a LIKE pattern
     assert walk(FlowPage(created_from=start + timedelta(seconds=1))) == [
-        ["q_%", "p4", "p5", "p2", "p3"]
+        ["q_%", "p5", "p4", "p3", "p2"]
     ]
-    assert walk(FlowPage(created_to=start + timedelta(seconds=1))) == [["p0", "p1"]]
+    assert walk(FlowPage(created_to=start + timedelta(seconds=1))) == [["p1", "p0"]]
     assert all(not r.steps for r in s.page_flows(FlowPage()))
 
     seen = s.overview()
