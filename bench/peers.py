@@ -417,6 +417,8 @@ class CruxPeer(Peer):
         env = worker_env(
             CRUX_DATABASE_URL=self.srv.crux_url(),
             CRUX_REDIS_URL=self.srv.rs.url(0),
+            # Off by default; the harness waits for the workers with a remote-control ping.
+            CRUX_REMOTE_CONTROL="true",
             BENCH_PEERS_WORKER="1",
         )
         if self.trace is not None:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 from typing import Annotated, Any
+from urllib.parse import unquote, urlsplit
 
 from pydantic import BeforeValidator, Field, SecretStr, ValidationError, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from ._durations import parse_duration
 from .errors import ConfigurationError
@@ -14,6 +16,23 @@ from .errors import ConfigurationError
 Seconds = Annotated[float, BeforeValidator(lambda v: parse_duration(v, what="setting"))]
 
 ENV_PREFIX = "CRUX_"
+
+# -- secrets: what is refused at start, and what never reaches a message ------------------
+
+MIN_SECRET_BYTES = 32
+# Values shipped as examples in this repository or commonly pasted from docs. Any value
+# holding "change-me"/"changeme" is refused as well.
+KNOWN_PLACEHOLDERS = frozenset(
+    {
+        "change-me-to-a-long-random-string",
+        "replace-me-with-a-long-random-string",
+        "0123456789abcdef0123456789abcdef",
+        "00000000000000000000000000000000",
+        "secretsecretsecretsecretsecretsecret",
+    }
+)
+_URL_FIELDS = ("database_url", "redis_url", "broker_url")
+_MASK = "***"
 
 
 class Settings(BaseSettings):
@@ -24,7 +43,11 @@ class Settings(BaseSettings):
     no servers needed. With a Postgres URL and a Redis URL it runs on Celery.
     """
 
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
+    # hide_input_in_errors: pydantic would print the offending input (a URL with its
+    # password, the signal secret) in every validation error.
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, extra="forbid", frozen=True, hide_input_in_errors=True
+    )
 
     database_url: str | None = Field(
         default=None,
@@ -81,6 +104,23 @@ class Settings(BaseSettings):
     )
     embedded_threads: int = Field(default=4, ge=1, le=64, description="embedded executor threads")
     auto_migrate: bool = Field(default=True, description="bring the schema to head on first use")
+    # -- remote control and health (docs/security.md) ------------------------------------
+    remote_control: bool = Field(
+        default=False,
+        description="Celery remote control (celery inspect, Flower's worker pages): any "
+        "broker client may then also shut workers down",
+    )
+    health_file: str | None = Field(
+        default=None,
+        description="file a worker touches every few seconds while it consumes; read by "
+        "`crux-workers health`",
+    )
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            raise ConfigurationError(f"invalid crux_workers settings: {describe(exc)}") from None
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
@@ -88,13 +128,26 @@ class Settings(BaseSettings):
             ("postgresql", "sqlite")
         ):
             raise ValueError("database_url must be a postgresql+psycopg:// or sqlite:/// URL")
-        if self.signal_secret is not None and not self.signal_secret.get_secret_value():
-            raise ValueError("signal_secret must not be empty (unset it to turn signing off)")
-        if self.signal_secret_previous is not None and (
-            self.signal_secret is None or not self.signal_secret_previous.get_secret_value()
-        ):
-            raise ValueError("signal_secret_previous needs signal_secret, and must not be empty")
+        for name in _URL_FIELDS:
+            password = _url_password(getattr(self, name))
+            if password is not None and _is_placeholder(password):
+                raise ValueError(f"{name} holds a placeholder password; set the real one")
+        if self.signal_secret is not None:
+            _check_secret(self.signal_secret.get_secret_value())
+        if self.signal_secret_previous is not None:
+            if self.signal_secret is None:
+                raise ValueError("signal_secret_previous needs signal_secret")
+            _check_secret(self.signal_secret_previous.get_secret_value())
         return self
+
+    def __repr_args__(self) -> Any:
+        for name, value in super().__repr_args__():
+            if name in _URL_FIELDS and isinstance(value, str):
+                yield name, redact(value)
+            elif name == "broker_options":
+                yield name, _redact_mapping(value)
+            else:
+                yield name, value
 
     @property
     def fleet_ready(self) -> bool:
@@ -127,17 +180,97 @@ class Settings(BaseSettings):
             )
         try:
             return cls(**overrides)
-        except ValidationError as exc:
-            raise ConfigurationError(f"invalid crux_workers settings: {exc}") from exc
+        except SettingsError as exc:
+            # Raised while decoding a variable (e.g. JSON); its text names the field only.
+            raise ConfigurationError(f"invalid crux_workers settings: {exc}") from None
+
+
+def describe(exc: ValidationError) -> str:
+    """A validation error as ``field: message`` parts, never with the input values."""
+    parts = []
+    for err in exc.errors(include_url=False, include_input=False, include_context=False):
+        where = ".".join(str(p) for p in err["loc"]) or "settings"
+        parts.append(f"{where}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def _check_secret(value: str) -> None:
+    if not value:
+        raise ValueError("signal_secret must not be empty (unset it to turn signing off)")
+    if _is_placeholder(value):
+        raise ValueError(
+            "signal_secret is a placeholder; generate one, e.g. `openssl rand -hex 32`"
+        )
+    if len(value.encode()) < MIN_SECRET_BYTES:
+        raise ValueError(
+            f"signal_secret is shorter than {MIN_SECRET_BYTES} bytes; generate one, "
+            "e.g. `openssl rand -hex 32`"
+        )
+
+
+def _is_placeholder(value: str) -> bool:
+    folded = value.strip().lower()
+    squashed = re.sub(r"[^a-z0-9]", "", folded)
+    return folded in KNOWN_PLACEHOLDERS or "changeme" in squashed or "replaceme" in squashed
+
+
+def _url_password(url: str | None) -> str | None:
+    if not url or "://" not in url:
+        return None
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        return None
+    return unquote(password) if password else None
+
+
+# A query (or fragment, or key=value DSN) parameter whose name says it holds a secret.
+_SECRET_NAME = re.compile(r"pass|pwd|secret|token|key|auth|credential|signature|^sig$")
+_PARAM = re.compile(r"(?P<name>[^&;#?=\s]+)=(?P<value>[^&;#\s]*)")
+
+
+def _secret_name(name: str) -> bool:
+    return bool(_SECRET_NAME.search(re.sub(r"[^a-z]", "", unquote(name).lower())))
+
+
+def _redact_params(text: str) -> str:
+    def mask(match: re.Match[str]) -> str:
+        name = match.group("name")
+        return f"{name}={_MASK}" if _secret_name(name) else match.group(0)
+
+    return _PARAM.sub(mask, text)
 
 
 def redact(url: str | None) -> str:
-    """The URL with its password replaced, for messages and logs."""
+    """The URL with every secret in it masked, for messages and logs.
+
+    The password of the userinfo (``user:***@``; a userinfo without ``:`` may be a
+    token and is masked whole) and every query or fragment parameter whose name says
+    it holds a secret (``password``, ``pass``, ``pwd``, ``secret``, ``token``, ``key``,
+    ``sslpassword``, ``auth``...). Text that is not a URL gets the parameter rule.
+    """
     if not url:
         return "<unset>"
-    from sqlalchemy.engine import make_url
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return _redact_params(url)
+    end = min((i for i in (rest.find("/"), rest.find("?"), rest.find("#")) if i >= 0), default=-1)
+    netloc, tail = (rest, "") if end < 0 else (rest[:end], rest[end:])
+    userinfo, at, host = netloc.rpartition("@")
+    if at:
+        user, colon, _ = userinfo.partition(":")
+        netloc = f"{user}:{_MASK}@{host}" if colon else f"{_MASK}@{host}"
+    return f"{scheme}://{netloc}{_redact_params(tail)}"
 
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return url.split("@")[-1]
+
+def _redact_mapping(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {
+            k: _MASK if isinstance(k, str) and _secret_name(k) else _redact_mapping(v)
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [_redact_mapping(v) for v in value]
+    if isinstance(value, str) and "://" in value:
+        return redact(value)
+    return value

@@ -12,9 +12,10 @@ import re
 import threading
 from typing import TYPE_CHECKING, Any
 
-from celery import Celery
+from celery import Celery, bootsteps
 from celery.worker.consumer import Consumer
 
+from ._health import Heartbeat
 from ._transport import PublishedSignal
 
 if TYPE_CHECKING:
@@ -193,6 +194,12 @@ def make_celery(s: Settings, runtime: Runtime, registry: FlowRegistry) -> Celery
         worker_consumer="crux_workers._tasks:SafeConsumer",
         crux_max_message_bytes=s.worker_max_message_bytes,  # read by SafeConsumer
     )
+    # -- trust boundary (docs/security.md): no remote control unless asked for; the
+    # health checks read a heartbeat file instead of pinging over the broker.
+    app.conf.worker_enable_remote_control = s.remote_control
+    if s.health_file:
+        app.steps["consumer"].add(heartbeat_step(s.health_file))
+    # -- end trust boundary
     app.conf.beat_schedule = {
         "crux-sweep": {
             "task": SWEEP_TASK,
@@ -281,10 +288,11 @@ def register_flow_task(app: Celery, runtime: Runtime, defn: FlowDef) -> Any:
 
 
 def publish_json(app: Celery, queue_name: str, body: str, headers: dict[str, str]) -> None:
-    """Publish a JSON text as is (no Celery task envelope) on a durable queue."""
-    from kombu.entity import Queue
+    """Publish a JSON text as is (no Celery task envelope) on a durable queue.
 
-    queue = Queue(queue_name, routing_key=queue_name, durable=True)
+    Nothing is declared: on Redis a queue is a list that LPUSH creates, and a publisher
+    whose broker user may only LPUSH to that list (docs/security.md) can publish.
+    """
     with app.producer_or_acquire() as producer:
         producer.publish(
             body,
@@ -294,7 +302,31 @@ def publish_json(app: Celery, queue_name: str, body: str, headers: dict[str, str
             content_encoding="utf-8",
             headers=headers,
             delivery_mode=2,
-            declare=[queue],
             retry=True,
             retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5},
         )
+
+
+def heartbeat_step(path: str) -> type[bootsteps.StartStopStep]:
+    """A consumer bootstep that beats while the consumer consumes (after its task step)."""
+
+    class HeartbeatStep(bootsteps.StartStopStep):  # type: ignore[misc]
+        """Liveness heartbeat of this worker's consumer (``CRUX_HEALTH_FILE``)."""
+
+        requires = ("celery.worker.consumer.tasks:Tasks",)
+
+        def __init__(self, parent: Any, **kwargs: Any) -> None:
+            super().__init__(parent, **kwargs)
+            self.heartbeat = Heartbeat(path)
+
+        def start(self, parent: Any) -> None:
+            self.heartbeat.start()
+            log.info("heartbeat: touching %s every %.0fs", path, self.heartbeat.interval)
+
+        def stop(self, parent: Any) -> None:
+            self.heartbeat.stop()
+
+        def shutdown(self, parent: Any) -> None:
+            self.heartbeat.stop()
+
+    return HeartbeatStep

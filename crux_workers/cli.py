@@ -15,6 +15,7 @@ import click
 
 from ._app import Crux, default_app, set_default_app
 from ._cli_flows import flows
+from ._cli_health import health
 from ._cli_ui import ui
 from ._settings import Settings, redact
 from .errors import CruxError
@@ -161,7 +162,8 @@ def _dev_embedded(imports: tuple[str, ...]) -> None:
         raise click.ClickException(str(exc)) from exc
     names = ", ".join(d.name for d in app.flow_defs()) or "none (pass --import)"
     click.echo(
-        f"dev: embedded default at {app.settings.effective_database_url}; flows: {names}. "
+        f"dev: embedded default at {redact(app.settings.effective_database_url)}; "
+        f"flows: {names}. "
         "Ctrl-C to stop.",
         err=True,
     )
@@ -204,6 +206,7 @@ def _dev_fleet(imports: tuple[str, ...], concurrency: int) -> None:
 
 
 main.add_command(flows)
+main.add_command(health)
 main.add_command(ui)
 
 

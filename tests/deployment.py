@@ -5,7 +5,9 @@ processes: each service's command and environment are taken as written, Compose'
 ``${VAR:-default}`` interpolation is applied, and only two things are translated:
 
 - hostnames of the compose services (``postgres``, ``redis-broker``...) become the
-  loopback URLs of the test's own servers;
+  loopback URLs of the test's own servers (a Redis URL keeps its user and password:
+  the test's redis-servers run with the compose file's ACL users);
+- files under ``/tmp`` (the worker's heartbeat) move into the test's own directory;
 - the image's entrypoint (``tini -- crux-workers``) becomes this checkout's
   ``.venv/bin/crux-workers``: tini only forwards signals and reaps orphans, and the image's
   ``WORKDIR /app`` (examples/ on ``PYTHONPATH``) becomes the repository root.
@@ -337,15 +339,34 @@ def healthcheck_argv(service: Mapping[str, Any]) -> list[str]:
 
 
 def localise_urls(env: Mapping[str, str], urls: Mapping[str, str]) -> dict[str, str]:
-    """Replace every URL whose host is a compose service by that service's loopback URL."""
+    """Replace every URL whose host is a compose service by that service's loopback URL.
+
+    A ``redis://`` URL keeps its user and password (the local redis-servers have the
+    compose file's ACL users); other URLs are replaced whole (the test's Postgres).
+    """
     out = dict(env)
     for key, value in env.items():
         if "://" not in value:
             continue
-        host = urlsplit(value).hostname
-        if host is not None and host in urls:
+        parts = urlsplit(value)
+        host = parts.hostname
+        if host is None or host not in urls:
+            continue
+        local = urlsplit(urls[host])
+        if parts.scheme.startswith("redis") and "@" in parts.netloc:
+            userinfo = parts.netloc.rpartition("@")[0]
+            out[key] = local._replace(netloc=f"{userinfo}@{local.netloc}").geturl()
+        else:
             out[key] = urls[host]
     return out
+
+
+def localise_paths(env: Mapping[str, str], directory: Path) -> dict[str, str]:
+    """Move every value that is a path under ``/tmp`` into ``directory`` (one per run)."""
+    return {
+        k: str(directory / v.removeprefix("/tmp/")) if v.startswith("/tmp/") else v
+        for k, v in env.items()
+    }
 
 
 def runtime_distributions() -> set[str]:

@@ -15,7 +15,7 @@ from crux_workers._wire import TIMESTAMP_HEADER, sign
 from tests.support.fleet import FaultFleet
 from tests.workers import Service
 
-SECRET = "fuzz-secret"
+SECRET = "fuzz-secret-of-at-least-32-bytes-long"
 json_values = st.recursive(
     st.none()
     | st.booleans()

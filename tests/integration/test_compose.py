@@ -29,8 +29,10 @@ from crux_workers import Crux, FlowHandle, FlowRun, Settings, default_app, set_d
 from crux_workers._store._migrate import current_revision, head_revision
 from crux_workers._tasks import START_PRIORITY
 from crux_workers.cli import main as cli_main
+from crux_workers.errors import ConfigurationError
 from tests.deployment import (
     REPO,
+    InterpolationError,
     ServiceProcess,
     copy_sources,
     dockerfile,
@@ -42,9 +44,11 @@ from tests.deployment import (
     image_workdir,
     import_guard,
     interpolate,
+    interpolate_all,
     load_compose,
     load_manifests,
     local_argv,
+    localise_paths,
     localise_urls,
     parse_duration,
     process_env,
@@ -65,9 +69,23 @@ SIGNUP = {
     "checkin_every": "1s",
 }
 VERIFIED = {"verified_at": "2026-11-21T10:00:00Z"}
-SECRET = "compose-test-signal-key"
+SECRET = "compose-test-signal-key-of-32-bytes-or-more"
+# The passwords compose requires (no fallbacks), as an operator's .env would hold them.
+PASSWORDS = {
+    "POSTGRES_PASSWORD": "pg-test-password",
+    "REDIS_BROKER_PASSWORD": "broker-test-password",
+    "REDIS_CACHE_PASSWORD": "cache-test-password",
+    "REDIS_PUBLISHER_PASSWORD": "publisher-test-password",
+}
 # What an operator would put in .env: a faster sweep so the test sees beat work quickly.
-SHELL = {"CRUX_SWEEP_INTERVAL": "1s", "WORKER_CONCURRENCY": "2", "CRUX_SIGNAL_SECRET": SECRET}
+SHELL = {
+    **PASSWORDS,
+    "CRUX_SWEEP_INTERVAL": "1s",
+    "WORKER_CONCURRENCY": "2",
+    "CRUX_SIGNAL_SECRET": SECRET,
+}
+# A user the test adds to its redis-servers (after the compose file's own) to inspect them.
+ADMIN = ("test-admin", "test-admin-password")
 _db_numbers = itertools.count(1)
 
 
@@ -79,11 +97,20 @@ def settings_kwargs(env: dict[str, str]) -> dict[str, Any]:
     return {k.removeprefix("CRUX_").lower(): v for k, v in env.items() if k.startswith("CRUX_")}
 
 
-def redis_client(url: str) -> redis.Redis:
+def redis_client(url: str, user: tuple[str, str] | None = None) -> redis.Redis:
+    """A client of ``url``; as ``user`` (name, password) when given, else the URL's own."""
     parts = urlsplit(url)
     assert parts.hostname == "127.0.0.1" and parts.port, url  # loopback only
     db = int(parts.path.lstrip("/") or 0)
-    return redis.Redis(host=parts.hostname, port=parts.port, db=db, socket_timeout=10)
+    name, password = user or (parts.username, parts.password)
+    return redis.Redis(
+        host=parts.hostname,
+        port=parts.port,
+        db=db,
+        username=name,
+        password=password,
+        socket_timeout=10,
+    )
 
 
 def wait_for(what: str, check: Any, timeout: float = 30) -> Any:
@@ -144,6 +171,13 @@ class Stack:
             "no",
             "--logfile",
             str(data / "redis.log"),
+            "--user",
+            ADMIN[0],
+            "on",
+            f">{ADMIN[1]}",
+            "~*",
+            "&*",
+            "+@all",
         ]
         proc = ServiceProcess(name, argv, {"PATH": "/usr/local/bin:/usr/bin:/bin"}, self.tmp)
         self.processes.append(proc)
@@ -163,7 +197,7 @@ class Stack:
     def env(self, name: str) -> dict[str, str]:
         """The service's environment as written, with loopback URLs for the services."""
         written = service_environment(self.services[name], self.shell)
-        env = localise_urls(written, self.urls)
+        env = localise_paths(localise_urls(written, self.urls), self.tmp)
         for key, value in env.items():
             if "://" in value:  # nothing may reach past this machine
                 assert urlsplit(value).hostname == "127.0.0.1", f"{name}: {key}={value}"
@@ -247,8 +281,8 @@ def test_compose_migrate_worker_and_beat_run_the_onboarding_flow(stack: Stack) -
     assert db_revision(db_url) == head_revision()
 
     app = stack.app("worker")
-    broker = redis_client(stack.urls["redis-broker"])
-    cache = redis_client(stack.urls["redis-cache"])
+    broker = redis_client(stack.urls["redis-broker"], ADMIN)
+    cache = redis_client(stack.urls["redis-cache"], ADMIN)
     try:
         onboarding = onboarding_on(app)
         queue = stack.env("worker")["CRUX_QUEUE"]
@@ -272,7 +306,8 @@ def test_compose_migrate_worker_and_beat_run_the_onboarding_flow(stack: Stack) -
         assert broker.llen(queue) == 0 and broker.llen(f"{queue}:9") == 0
         # Step results are cached in the cache Redis, never in the broker's.
         prefix = app.settings.redis_prefix
-        assert cache.keys(f"{prefix}:*"), "no step cache keys in the cache Redis"
+        # Filled after the commit that made the flow "suspended": waited for, not raced.
+        wait_for("step cache keys in the cache Redis", lambda: cache.keys(f"{prefix}:*"), 20)
         assert not broker.keys(f"{prefix}:*")
 
         stack.start("beat")
@@ -293,6 +328,8 @@ def test_compose_migrate_worker_and_beat_run_the_onboarding_flow(stack: Stack) -
             health, cwd=REPO, env=worker_env, capture_output=True, text=True, timeout=timeout
         )
         assert done.returncode == 0, done.stdout + done.stderr
+        # No remote control: the worker answers no ping (nor a shutdown broadcast).
+        assert app.celery.control.ping(timeout=1.0) == []
 
         # `docker stop`: SIGTERM, a warm shutdown within the grace period.
         for name in ("worker", "beat"):
@@ -317,10 +354,13 @@ def test_compose_ingress_records_published_signals_signed_with_the_shared_secret
     stack.migrate()
     ingress_env = stack.env("ingress")
     assert ingress_env.get("CRUX_SIGNAL_SECRET") == SECRET  # passed through from .env
-    publisher = stack.app("ingress")
-    forger = stack.app("ingress", signal_secret="not-the-shared-secret")
+    publisher_url = broker_url_as(stack, "publisher")
+    starter = stack.app("ingress")
+    # Other services publish as the broker's `publisher` user, which may only LPUSH.
+    publisher = Crux(Settings(broker_url=publisher_url, signal_secret=SECRET))
+    forger = Crux(Settings(broker_url=publisher_url, signal_secret="f" * 32 + "not-the-secret"))
     try:
-        onboarding = onboarding_on(publisher)
+        onboarding = onboarding_on(starter)
         stack.start("worker").wait_log(b"ready.")
         ingress = stack.start("ingress")
         run = onboarding.run(input=SIGNUP)
@@ -341,8 +381,76 @@ def test_compose_ingress_records_published_signals_signed_with_the_shared_secret
         ingress.stop_signal()
         assert ingress.wait_exit(timeout=stack.grace("ingress")) == 0, ingress.tail()
     finally:
+        starter.close()
         publisher.close()
         forger.close()
+
+
+def broker_url_as(stack: Stack, user: str) -> str:
+    """The local broker's URL as one of the compose file's broker users."""
+    local = urlsplit(stack.urls["redis-broker"])
+    password = PASSWORDS[f"REDIS_{'BROKER' if user == 'crux' else user.upper()}_PASSWORD"]
+    return local._replace(netloc=f"{user}:{password}@{local.netloc}").geturl()
+
+
+def test_compose_broker_users_publisher_may_only_push_signals(stack: Stack) -> None:
+    signals = Settings.model_fields["signal_queue"].default
+    flows_queue = stack.env("worker")["CRUX_QUEUE"]
+    with (
+        redis_client(broker_url_as(stack, "publisher")) as publisher,
+        redis_client(broker_url_as(stack, "crux")) as fleet,
+        redis_client(stack.urls["redis-broker"]) as anonymous,
+    ):
+        assert publisher.lpush(signals, "{}") == 1
+        refused = [
+            ("LPUSH", flows_queue, "{}"),
+            ("LPUSH", f"{flows_queue}:{START_PRIORITY}", "{}"),
+            ("RPUSH", signals, "{}"),
+            ("LRANGE", signals, "0", "-1"),
+            ("RPOP", signals),
+            ("DEL", signals),
+            ("PUBLISH", "/0.celery.pidbox", "{}"),
+            ("KEYS", "*"),
+            ("SET", "x", "1"),
+            ("FLUSHALL",),
+            ("CONFIG", "GET", "*"),
+        ]
+        for command in refused:
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                publisher.execute_command(*command)
+        # Without a password: PING (the health check), nothing else.
+        assert anonymous.ping()
+        for command in (("LPUSH", signals, "{}"), ("KEYS", "*"), ("GET", "x")):
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                anonymous.execute_command(*command)
+        # The fleet's user works the queues, but cannot administer or wipe the broker.
+        assert fleet.llen(signals) == 1 and fleet.rpop(signals) == b"{}"
+        for command in (("CONFIG", "GET", "*"), ("FLUSHALL",), ("SHUTDOWN",), ("ACL", "LIST")):
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                fleet.execute_command(*command)
+        with pytest.raises(redis.exceptions.AuthenticationError):
+            redis_client(broker_url_as(stack, "crux").replace("broker-test", "wrong")).ping()
+    with redis_client(stack.urls["redis-cache"]) as anonymous_cache:
+        assert anonymous_cache.ping()
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            anonymous_cache.get("x")
+
+
+def test_compose_requires_every_password() -> None:
+    services = load_compose()["services"]
+    for missing in PASSWORDS:
+        shell = {k: v for k, v in PASSWORDS.items() if k != missing}
+        refused = []
+        for name, service in services.items():
+            try:
+                interpolate_all(service, shell)
+            except InterpolationError as exc:
+                assert missing in str(exc)
+                refused.append(name)
+        assert refused, f"compose starts without {missing}"
+    # No fallback password anywhere in the file.
+    text = (REPO / "docker-compose.yml").read_text()
+    assert not re.findall(r"\$\{\w*PASSWORD:?-", text)
 
 
 # -- docker-compose.yml, read -----------------------------------------------------------------
@@ -394,6 +502,7 @@ def test_compose_file_shape() -> None:
     def redis_options(name: str) -> dict[str, str]:
         args = services[name]["command"]
         assert args[0] == "redis-server"
+        args = args[: args.index("--user")] if "--user" in args else args
         return {k.lstrip("-"): v for k, v in zip(args[1::2], args[2::2], strict=True)}
 
     broker, cache = redis_options("redis-broker"), redis_options("redis-cache")
@@ -404,7 +513,7 @@ def test_compose_file_shape() -> None:
     assert cache.get("appendonly") == "no"
 
     # Each URL points at the right server.
-    env = service_environment(services["worker"], {})
+    env = service_environment(services["worker"], PASSWORDS)
     assert urlsplit(env["CRUX_DATABASE_URL"]).hostname == "postgres"
     assert urlsplit(env["CRUX_BROKER_URL"]).hostname == "redis-broker"
     assert urlsplit(env["CRUX_REDIS_URL"]).hostname == "redis-cache"
@@ -412,7 +521,7 @@ def test_compose_file_shape() -> None:
     # Every crux service is configured the same way; the signal secret only reaches the
     # ingress (publishers sign with it, the workers never see it).
     for name in CRUX_SERVICES:
-        got = service_environment(services[name], {"CRUX_SIGNAL_SECRET": "x"})
+        got = service_environment(services[name], {**PASSWORDS, "CRUX_SIGNAL_SECRET": "x"})
         assert (got.pop("CRUX_SIGNAL_SECRET", None) == "x") == (name == "ingress"), name
         assert got == env, name
 
@@ -420,12 +529,12 @@ def test_compose_file_shape() -> None:
 def test_compose_settings_are_known_and_their_defaults_match_the_code() -> None:
     services = load_compose()["services"]
     for name in CRUX_SERVICES:
-        env = service_environment(services[name], {"CRUX_SIGNAL_SECRET": "x"})
+        env = service_environment(services[name], {**PASSWORDS, "CRUX_SIGNAL_SECRET": SECRET})
         # Refuses unknown settings and bad values, as every service would at start.
         Settings(**settings_kwargs(env))
     # A compose default that drifted from the code's default would be a silent fork.
     written = services["worker"]["environment"]
-    env = service_environment(services["worker"], {})
+    env = service_environment(services["worker"], PASSWORDS)
     defaults = Settings()
     for key, value in written.items():
         if isinstance(value, str) and value.startswith("${" + key + ":-"):
@@ -434,7 +543,10 @@ def test_compose_settings_are_known_and_their_defaults_match_the_code() -> None:
             assert parsed == getattr(defaults, field), key
     grace = parse_duration(services["worker"]["stop_grace_period"])
     assert grace < Settings(visibility_timeout=env["CRUX_VISIBILITY_TIMEOUT"]).visibility_timeout
-    assert parse_duration(services["worker"]["healthcheck"]["timeout"]) > 5.0  # ping waits 5 s
+    # Shipped safe: no remote control, and a health check that does not need it.
+    assert Settings(**settings_kwargs(env)).remote_control is False
+    assert services["worker"]["healthcheck"]["test"][1:3] == ["crux-workers", "health"]
+    assert env["CRUX_HEALTH_FILE"].startswith("/tmp/")
 
 
 def test_compose_commands_are_crux_cli_commands() -> None:
@@ -530,11 +642,30 @@ def test_kubernetes_manifests_are_consistent() -> None:
 
     config = _by_kind(docs, "ConfigMap")["crux-config"]["data"]
     secret = _by_kind(docs, "Secret")["crux-secrets"]["stringData"]
-    settings = Settings(**settings_kwargs({**config, **secret}))
+    # As shipped, the placeholders are refused at start: every process would stop there.
+    with pytest.raises(ConfigurationError):
+        Settings(**settings_kwargs({**config, **secret}))
+    for key in ("CRUX_DATABASE_URL", "CRUX_BROKER_URL", "CRUX_REDIS_URL", "CRUX_SIGNAL_SECRET"):
+        with pytest.raises(ConfigurationError):
+            Settings(**settings_kwargs({**config, key: secret[key]}))
+    settings = Settings(**settings_kwargs({**config, **replace_placeholders(secret)}))
     module = config["APP_MODULE"]
     assert (REPO / (module.replace(".", "/") + ".py")).exists(), module
-    assert set(secret) == {"CRUX_DATABASE_URL", "CRUX_SIGNAL_SECRET"}
-    assert not [k for k in config if "PASSWORD" in k or "SECRET" in k]
+    assert set(secret) == {
+        "CRUX_DATABASE_URL",
+        "CRUX_BROKER_URL",
+        "CRUX_REDIS_URL",
+        "CRUX_SIGNAL_SECRET",
+    }
+    assert not [k for k in config if "PASSWORD" in k or "SECRET" in k or "_URL" in k]
+    # Shipped safe: no remote control; the probes read the heartbeat file instead.
+    assert settings.remote_control is False and config["CRUX_REMOTE_CONTROL"] == "false"
+    assert (settings.health_file or "").startswith("/tmp/")
+    # Every Redis URL logs in as the fleet's user of that server's ACL file.
+    acl = _by_kind(docs, "Secret")["crux-redis-acl"]["stringData"]
+    for key, file in (("CRUX_BROKER_URL", "broker.acl"), ("CRUX_REDIS_URL", "cache.acl")):
+        url = urlsplit(secret[key])
+        assert f"user {url.username} on >{url.password} " in acl[file], key
 
     deployments = _by_kind(docs, "Deployment")
     worker = deployments["crux-worker"]
@@ -586,6 +717,11 @@ def test_kubernetes_manifests_are_consistent() -> None:
 
     # KEDA scales the worker Deployment on the length of the flow queue's Redis list.
     (scaled,) = _by_kind(docs, "ScaledObject").values()
+    (auth,) = _by_kind(docs, "TriggerAuthentication").values()
+    keda = _by_kind(docs, "Secret")[auth["spec"]["secretTargetRef"][0]["name"]]["stringData"]
+    assert f"user {keda['username']} on >{keda['password']} " in acl["broker.acl"]
+    for trigger in scaled["spec"]["triggers"]:
+        assert trigger["authenticationRef"]["name"] == auth["metadata"]["name"]
     assert scaled["spec"]["scaleTargetRef"]["name"] == "crux-worker"
     assert scaled["spec"]["scaleTargetRef"].get("kind", "Deployment") == "Deployment"
     assert scaled["spec"]["minReplicaCount"] >= 1
@@ -622,6 +758,53 @@ def test_kubernetes_manifests_are_consistent() -> None:
     assert "maxmemory-policy allkeys-lru" in cache_conf
     assert _by_kind(docs, "StatefulSet")[f"{broker.hostname}"]["spec"]["volumeClaimTemplates"]
 
+    # NetworkPolicy: nothing may connect to the crux processes; each Redis admits only
+    # the fleet (and, for the broker, labelled publishers and KEDA).
+    policies = _by_kind(docs, "NetworkPolicy")
+    for workload in [*deployments.values(), *_by_kind(docs, "StatefulSet").values(), job]:
+        labels = workload["spec"]["template"]["metadata"]["labels"]
+        covering = [p for p in policies.values() if selects(p["spec"]["podSelector"], labels)]
+        assert covering, f"{workload['metadata']['name']}: no NetworkPolicy selects it"
+        component = labels["app.kubernetes.io/component"]
+        for policy in covering:
+            assert policy["spec"]["policyTypes"] == ["Ingress"]
+            sources = [s for rule in policy["spec"]["ingress"] for s in rule["from"]]
+            if component in ("worker", "beat", "ingress", "migrate"):
+                assert sources == [], component
+            else:
+                local = [s["podSelector"] for s in sources if "namespaceSelector" not in s]
+
+                def admits(component: str, local: list[dict[str, Any]] = local) -> bool:
+                    labels = {"app.kubernetes.io/name": "crux-workers"}
+                    labels["app.kubernetes.io/component"] = component
+                    return any(selects(sel, labels) for sel in local)
+
+                assert admits("worker") and admits("ingress"), component
+                assert not admits("migrate") and not admits("redis-cache"), component
+                if component == "redis-cache":
+                    assert all("namespaceSelector" not in s for s in sources)
+
+
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """Whether a Kubernetes label selector matches ``labels`` (In/NotIn/Exists only)."""
+    for key, value in selector.get("matchLabels", {}).items():
+        if labels.get(key) != value:
+            return False
+    for expr in selector.get("matchExpressions", []):
+        key, op = expr["key"], expr["operator"]
+        if op == "In" and labels.get(key) not in expr["values"]:
+            return False
+        if op == "NotIn" and labels.get(key) in expr["values"]:
+            return False
+        if op == "Exists" and key not in labels:
+            return False
+    return True
+
+
+def replace_placeholders(values: dict[str, str]) -> dict[str, str]:
+    """What an operator does before the first apply: a real value for each CHANGE-ME."""
+    return {k: v.replace("CHANGE-ME", "Real-Value-0f-the-operator") for k, v in values.items()}
+
 
 def test_kubernetes_redis_configs_are_accepted_by_redis_server(tmp_path: Path) -> None:
     docs = [d for file_docs in load_manifests().values() for d in file_docs]
@@ -635,15 +818,26 @@ def test_kubernetes_redis_configs_are_accepted_by_redis_server(tmp_path: Path) -
         "crux-redis-cache": {"maxmemory-policy": "allkeys-lru", "appendonly": "no"},
     }
     assert set(confs) == set(want)
+    acls = _by_kind(docs, "Secret")["crux-redis-acl"]["stringData"]
+    assert all("aclfile /etc/redis-acl/users.acl" in conf for conf in confs.values())
     procs: list[ServiceProcess] = []
     with running(procs):
         for name, conf in confs.items():
             data = tmp_path / name
             data.mkdir()
-            (data / "redis.conf").write_text(conf)
+            acl_file = data / "users.acl"
+            acl_file.write_text(
+                replace_placeholders(acls)[f"{name.removeprefix('crux-redis-')}.acl"]
+            )
+            (data / "redis.conf").write_text(
+                conf.replace("aclfile /etc/redis-acl/users.acl", f"aclfile {acl_file}")
+            )
             port = free_port()
             argv = ["redis-server", str(data / "redis.conf"), "--port", str(port)]
             argv += ["--bind", "127.0.0.1", "--dir", str(data), "--daemonize", "no"]
+            # An ACL file excludes --user: the test's admin is added to it instead.
+            with acl_file.open("a") as f:
+                f.write(f"user {ADMIN[0]} on >{ADMIN[1]} ~* &* +@all\n")
             proc = ServiceProcess(name, argv, {"PATH": "/usr/local/bin:/usr/bin:/bin"}, tmp_path)
             procs.append(proc)
             url = f"redis://127.0.0.1:{port}/0"
@@ -657,6 +851,37 @@ def test_kubernetes_redis_configs_are_accepted_by_redis_server(tmp_path: Path) -
                     return False
 
             wait_for(f"{name} answers PING", answers)
-            with redis_client(url) as client:
+            users = {
+                line.split()[1]: line.split()[3].removeprefix(">")
+                for line in replace_placeholders(acls)[
+                    f"{name.removeprefix('crux-redis-')}.acl"
+                ].splitlines()
+                if line.startswith("user ") and line.split()[3].startswith(">")
+            }
+            with redis_client(url, ("crux", users["crux"])) as client:
+                assert client.set("x", "1") and client.get("x") == b"1"
+                with pytest.raises(redis.exceptions.NoPermissionError):
+                    client.config_get("maxmemory-policy")
+            with redis_client(url) as anonymous:
+                assert anonymous.ping()
+                with pytest.raises(redis.exceptions.NoPermissionError):
+                    anonymous.get("x")
+            if name == "crux-redis-broker":
+                with redis_client(url, ("publisher", users["publisher"])) as publisher:
+                    assert publisher.lpush("crux.signals", "{}") == 1
+                    for command in (
+                        ("LPUSH", "crux", "{}"),
+                        ("LLEN", "crux.signals"),
+                        ("KEYS", "*"),
+                    ):
+                        with pytest.raises(redis.exceptions.NoPermissionError):
+                            publisher.execute_command(*command)
+                with redis_client(url, ("keda", users["keda"])) as keda:
+                    assert keda.llen("crux") == 0 and keda.llen("crux:9") == 0
+                    with pytest.raises(redis.exceptions.NoPermissionError):
+                        keda.llen("crux.signals")
+                    with pytest.raises(redis.exceptions.NoPermissionError):
+                        keda.lpush("crux", "{}")
+            with redis_client(url, ADMIN) as client:
                 for key, value in want[name].items():
                     assert client.config_get(key)[key] == value, (name, key)

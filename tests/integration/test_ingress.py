@@ -17,7 +17,7 @@ from tests.workers import REPO, Service
 
 from .test_fleet import SIGNUP, wait_status
 
-SECRET = "s3cret-for-tests"
+SECRET = "s3cret-for-tests-at-least-32-bytes-long"
 VERIFIED = {"verified_at": "2026-11-21T10:00:00Z"}
 
 
