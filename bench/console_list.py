@@ -4,7 +4,7 @@ Starts its own Postgres 15 on a loopback port, inserts N flows with one SQL stat
 (statuses, names, waits and creation times spread as a busy record has them), then
 times the list page handler (in process, through the ASGI app: no network, no browser)
 for the filters an operator uses, first page and a deep keyset page: first without the
-console's two indexes (migration 0004), then with them, as shipped.
+console's two indexes (migration 0006), then with them, as shipped.
 
     PYTHONPATH=. .venv/bin/python bench/console_list.py            # N=100000
     PYTHONPATH=. .venv/bin/python bench/console_list.py --n 20000 --reps 10
@@ -58,7 +58,7 @@ CROSS JOIN LATERAL (SELECT CASE
     ELSE 'pending' END AS status) AS s
 """
 
-# The console's indexes (migration 0004): the bench times the list without them first.
+# The console's indexes (migration 0006): the bench times the list without them first.
 INDEXES = ("ix_crux_flows_created", "ix_crux_flows_status_created")
 
 

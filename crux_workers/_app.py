@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import BaseModel
 
-from ._client import Client
+from ._client import Client, off_loop
 from ._engine import Advance, Engine, FlowDef, Handler
-from ._flow import FlowHandle
+from ._flow import FlowHandle, FlowRun
 from ._ids import check_id
-from ._models import FlowState, SignalReceipt
+from ._models import FlowState, SignalReceipt, WaitGroup
 from ._registry import FlowRegistry
 from ._runtime import Runtime, SweepReport
 from ._settings import Settings, redact
@@ -29,7 +30,7 @@ from ._transport import (
     RecordOnlyTransport,
     Transport,
 )
-from .errors import ConfigurationError, StoreError
+from .errors import ConfigurationError, InvalidInput, StoreError
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -227,6 +228,71 @@ class Crux:
     def get_flow(self, flow_id: str) -> FlowState:
         """Everything the record holds about a flow."""
         return self.client.get_flow(flow_id)
+
+    # -- operations (the CLI and the console call these) -----------------------------
+
+    def retry_flow(self, flow_id: str) -> str:
+        """Resume a failed flow from its last checkpoint; returns "pending"."""
+        return self.client.retry_flow(flow_id)
+
+    def retry_flows(
+        self, *, status: str = "failed", name: str | None = None, limit: int = 1000
+    ) -> list[str]:
+        """Retry every flow matching the filter; returns the ids retried."""
+        return self.client.retry_flows(status=status, name=name, limit=limit)
+
+    def fork_flow(
+        self,
+        source_id: str,
+        /,
+        at: int,
+        input: Any = None,
+        *,
+        flow_id: str | None = None,
+    ) -> FlowRun:
+        """A new flow whose first ``at`` checkpoints are copied from ``source_id``.
+
+        The copied checkpoints are not run again; the fork runs on from there, with
+        ``input`` in place of the source's input when given (validated by the flow's
+        input model, which must then be registered in this process). The source is
+        untouched; ``get_flow(new).forked_from`` says where the fork came from.
+        """
+        model = None
+        if input is not None:
+            row = self.store.get_flow(source_id, details=False)
+            defn = self.registry.get(row.name)
+            if defn is None:
+                raise InvalidInput(
+                    f"flow {row.name!r} is not registered in this process, so a replaced "
+                    "input cannot be validated; fork from a process that imports the flow, "
+                    "or fork without --input",
+                    flow=row.name,
+                )
+            model = FlowHandle(self, defn).validate_input(input)
+        return FlowRun(self, self.client.fork_flow(source_id, at, input=model, flow_id=flow_id))
+
+    def waiting(self, *, name: str | None = None) -> list[WaitGroup]:
+        """Suspended flows grouped by what they wait on (signal, sleep, poll, task, retry)."""
+        return self.client.waiting(name=name)
+
+    def purge_finished(self, before: datetime) -> int:
+        """Delete flows that finished before ``before`` (every row of theirs), and refused
+        ingress messages received before it; returns the number of flows."""
+        return self.store.purge_finished(before)
+
+    async def retry_flow_async(self, flow_id: str) -> str:
+        """``retry_flow`` for async code (the console)."""
+        return await off_loop(self.retry_flow, flow_id)
+
+    async def fork_flow_async(
+        self, source_id: str, /, at: int, input: Any = None, *, flow_id: str | None = None
+    ) -> FlowRun:
+        """``fork_flow`` for async code."""
+        return await off_loop(self.fork_flow, source_id, at, input, flow_id=flow_id)
+
+    async def waiting_async(self, *, name: str | None = None) -> list[WaitGroup]:
+        """``waiting`` for async code."""
+        return await off_loop(self.waiting, name=name)
 
     async def signal_flow_async(
         self, flow_id: str, name: str, payload: Any = None, *, key: str | None = None

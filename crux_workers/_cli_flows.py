@@ -162,11 +162,20 @@ def _show(s: FlowState) -> str:
         f"created   {_when(s.created_at)}   updated {_when(s.updated_at)}"
         + (f"   finished {_when(s.finished_at)}" if s.finished_at else ""),
     ]
+    if s.forked_from is not None:
+        out.append(
+            f"forked    from {safe(s.forked_from.flow_id)} at checkpoint {s.forked_from.at}"
+            " (the first checkpoints copied, not run)"
+        )
+    if s.retries:
+        out.append(f"retried   {s.retries} time(s)")
     if s.waiting_on:
         out.append(
             f"waiting   {safe(s.waiting_on)}"
             + (f" (deadline {_when(s.deadline)})" if s.deadline else "")
         )
+    if s.waiting_schema is not None:
+        out.append(f"schema    {_short(s.waiting_schema, 200)}")
     if s.wake_at:
         out.append(f"wake      {s.wake_kind} at {_when(s.wake_at)}")
     if s.result is not None:
@@ -245,6 +254,24 @@ def show(flow_id: str, as_json: bool) -> None:
         click.echo(_show(state))
 
 
+@flows.command()
+@click.argument("flow_id")
+@click.option(
+    "-o", "--output", type=click.Path(dir_okay=False), help="write to FILE instead of stdout"
+)
+def export(flow_id: str, output: str | None) -> None:
+    """A flow's recorded history as JSON, for `crux-workers check --history FILE`."""
+    from .testing import export_history
+
+    with operator_app() as app:
+        text = json.dumps(export_history(app, flow_id), indent=2)
+    if output is None:
+        click.echo(text)
+    else:
+        with open(output, "w", encoding="utf-8") as fh:
+            fh.write(text + "\n")
+
+
 def _json_arg(_ctx: click.Context, _param: click.Parameter, value: str) -> Any:
     try:
         return json.loads(value)
@@ -266,7 +293,12 @@ def signal(flow_id: str, name: str, payload: Any, key: str | None, as_json: bool
         _emit_json(receipt.model_dump(mode="json"))
     else:
         what = "already recorded (same key)" if receipt.duplicate else "recorded"
-        click.echo(f"signal {name!r} {what} as #{receipt.signal_id} for flow {safe(flow_id)}")
+        line = f"signal {safe(repr(name))} {what} as #{receipt.signal_id} for flow {safe(flow_id)}"
+        if receipt.delivered:
+            line += ": delivered, the flow was waiting for it"
+        elif not receipt.duplicate:
+            line += ": kept until the flow waits for it"
+        click.echo(line)
 
 
 @flows.command()
@@ -301,14 +333,20 @@ def _age(_ctx: click.Context, _param: click.Parameter, value: str) -> timedelta:
 )
 @json_option
 def purge(age: timedelta, as_json: bool) -> None:
-    """Delete finished flows (steps and signals too) older than AGE. Active ones stay."""
+    """Delete finished flows (every row of theirs) and refused messages older than AGE.
+
+    Active flows are never touched. CRUX_RETENTION=AGE makes beat do this periodically.
+    """
     with operator_app() as app:
         cutoff = app.store.now() - age
         count = app.store.purge_finished(cutoff)
     if as_json:
         _emit_json({"purged": count, "finished_before": cutoff.isoformat()})
     else:
-        click.echo(f"purged {count} flow(s) finished before {_when(cutoff)} UTC")
+        click.echo(
+            f"purged {count} flow(s) finished before {_when(cutoff)} UTC "
+            "(and refused messages received before then)"
+        )
 
 
 @flows.command()

@@ -24,14 +24,24 @@ from ._models import (
     ErrorInfo,
     FlowOutcome,
     FlowState,
+    ForkOrigin,
     SignalReceipt,
     SignalState,
     StepState,
+    WaitGroup,
 )
+from ._schema_check import schema_errors
 from ._settings import Settings, redact
-from ._store._types import CruxStore, FlowRow, StepCache
+from ._store._types import CruxStore, FlowFilter, FlowRow, StepCache
 from ._transport import PublishedSignal, Transport
-from .errors import FlowIdConflict, InvalidInput, WaitTimeout
+from .errors import (
+    FlowIdConflict,
+    FlowNotFound,
+    FlowNotRetryable,
+    InvalidInput,
+    InvalidSignal,
+    WaitTimeout,
+)
 
 log = logging.getLogger("crux_workers")
 T = TypeVar("T")
@@ -147,11 +157,17 @@ class Client:
         except (TypeError, ValueError, RecursionError) as exc:
             raise InvalidInput(f"signal {name!r}: payload is not JSON-able: {exc}") from None
         _json.check_size(payload_json, self._s.settings.max_value_bytes, f"signal {name!r} payload")
-        got = self._s.store.record_signal(flow_id, name, payload_json, key)
+        got = self._s.store.record_signal(
+            flow_id, name, payload_json, key, check=_send_check(flow_id, name, payload)
+        )
         if got.wake:
             enqueue_quietly(self._s, got.flow_name, flow_id, None)
         return SignalReceipt(
-            flow_id=flow_id, signal_id=got.signal_id, name=name, duplicate=got.duplicate
+            flow_id=flow_id,
+            signal_id=got.signal_id,
+            name=name,
+            duplicate=got.duplicate,
+            delivered=got.wake,
         )
 
     def publish_signal(
@@ -196,6 +212,82 @@ class Client:
         if status == "cancelled":
             self._s.cache.drop(flow_id)
         return status
+
+    # -- operations: retry, fork, what waits on what -----------------------------------
+
+    def retry_flow(self, flow_id: str) -> str:
+        """Resume a failed flow from its last checkpoint; returns its new status, "pending".
+
+        The failed step runs again with a fresh attempt count; earlier steps replay from
+        the record. ``FlowNotRetryable`` when the flow has not failed.
+        """
+        check_id(flow_id, "flow_id")
+        name = self._s.store.retry_flow(flow_id)
+        enqueue_quietly(self._s, name, flow_id, None)
+        return "pending"
+
+    def retry_flows(
+        self, *, status: str = "failed", name: str | None = None, limit: int = 1000
+    ) -> list[str]:
+        """Retry every flow matching the filter (at most ``limit``); returns their ids.
+
+        A flow that stopped being retryable meanwhile (another operator retried it) is
+        skipped.
+        """
+        if not 1 <= limit <= 100_000:
+            raise InvalidInput("limit must be between 1 and 100000")
+        rows = self._s.store.list_flows(FlowFilter(status=status, name=name, limit=limit))
+        retried = []
+        for row in rows:
+            try:
+                self.retry_flow(row.id)
+            except (FlowNotRetryable, FlowNotFound):
+                continue
+            retried.append(row.id)
+        return retried
+
+    def fork_flow(
+        self,
+        source_id: str,
+        at: int,
+        *,
+        input: BaseModel | None = None,
+        flow_id: str | None = None,
+    ) -> str:
+        """A new flow from the first ``at`` checkpoints of ``source_id``, started now.
+
+        ``input`` (already validated by the flow's model) replaces the source's input.
+        Returns the new flow's id.
+        """
+        check_id(source_id, "flow_id")
+        if isinstance(at, bool) or not isinstance(at, int):
+            raise InvalidInput(f"at must be a checkpoint count (an int), got {at!r}")
+        if flow_id is not None:
+            check_id(flow_id, "flow_id")
+        new_id = flow_id if flow_id is not None else str(uuid.uuid4())
+        input_json = None
+        if input is not None:
+            input_json = _json.check_size(
+                input.model_dump_json(), self._s.settings.max_value_bytes, "fork input"
+            )
+        row = self._s.store.fork_flow(source_id, new_id, at, input_json)
+        enqueue_quietly(self._s, row.name, new_id, None, start=True)
+        return new_id
+
+    def waiting(self, *, name: str | None = None) -> list[WaitGroup]:
+        """Suspended flows grouped by what they wait on, most flows first."""
+        return [
+            WaitGroup(
+                name=w.name,
+                kind=w.kind,  # type: ignore[arg-type]
+                on=w.on,
+                count=w.count,
+                oldest_since=w.oldest_since,
+                nearest_deadline=w.nearest_deadline,
+                next_wake=w.next_wake,
+            )
+            for w in self._s.store.waiting(name)
+        ]
 
     def get_flow(self, flow_id: str) -> FlowState:
         """Everything the record holds about a flow."""
@@ -330,4 +422,31 @@ def to_state(row: FlowRow) -> FlowState:
         created_at=row.created_at,
         updated_at=row.updated_at,
         finished_at=row.finished_at,
+        waiting_schema=_maybe_json(row.waiting_schema),
+        forked_from=(
+            ForkOrigin(flow_id=row.forked_from, at=row.forked_at or 0)
+            if row.forked_from is not None
+            else None
+        ),
+        retries=row.retries,
     )
+
+
+def _send_check(flow_id: str, name: str, payload: Any) -> Callable[[str], None]:
+    """The check ``record_signal`` runs when the flow waits on ``name`` with a schema."""
+
+    def check(schema_json: str) -> None:
+        errors = schema_errors(_json.loads(schema_json), payload)
+        if errors:
+            first = errors[0]
+            where = ".".join(str(p) for p in first["loc"]) or "payload"
+            raise InvalidSignal(
+                f"signal {name!r} for flow {flow_id!r} does not match the schema the flow "
+                f"waits with ({len(errors)} error(s); {where}: {first['msg']}); "
+                "nothing was recorded",
+                flow_id=flow_id,
+                signal=name,
+                errors=errors,
+            )
+
+    return check

@@ -27,6 +27,7 @@ from ._ids import MAX_ID, valid_id
 from ._loop import flow_loop
 from ._models import ErrorInfo, Retry
 from ._port import ExecutionPort
+from ._schema_check import wait_schema
 from ._store._clock import utcnow
 from ._store._types import Checkpoint, Suspension, TaskError, TaskPoint
 from .errors import (
@@ -431,7 +432,8 @@ class FlowContext(Generic[InputT]):
         timeout_s = parse_duration(timeout, what="suspend timeout") if timeout is not None else None
         seq, occurrence, cp = self._next("suspend", name)
         if cp is None:
-            point = Suspension(seq, name, occurrence, timeout_s)
+            wait = wait_schema(schema, self._x.max_value_bytes)
+            point = Suspension(seq, name, occurrence, timeout_s, wait)
             cp = self._x.take_signal_or_suspend(point, _validator(schema))
         payload = _json.loads(cp.result)
         return schema.model_validate(payload) if schema is not None else payload

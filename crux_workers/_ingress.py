@@ -20,6 +20,7 @@ Nothing a publisher sends can stop the consumer.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -30,7 +31,14 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from . import _envelope, _wire
 from ._settings import redact
-from .errors import FlowNotFound, FlowNotWaiting, InvalidInput, SignalRejected, StoreError
+from .errors import (
+    FlowNotFound,
+    FlowNotWaiting,
+    InvalidInput,
+    InvalidSignal,
+    SignalRejected,
+    StoreError,
+)
 
 if TYPE_CHECKING:
     from kombu.connection import Connection
@@ -106,6 +114,10 @@ class Ingress:
             return self._reject("unknown_flow", str(exc), body, msg)
         except FlowNotWaiting as exc:
             return self._reject("flow_finished", str(exc), body, msg)
+        except InvalidSignal as exc:
+            # The payload failed the schema the flow waits with (issue 14): nothing recorded.
+            detail = json.dumps(getattr(exc, "errors", []), default=str)
+            return self._reject("invalid_payload", detail, body, msg)
         except InvalidInput as exc:
             return self._reject("bad_fields", str(exc), body, msg)
         except StoreError:

@@ -67,6 +67,13 @@ class SignalState(_Frozen):
     consumed_at: datetime | None
 
 
+class ForkOrigin(_Frozen):
+    """Where a forked flow came from: the source flow and the checkpoints it copied."""
+
+    flow_id: str
+    at: int
+
+
 class FlowState(_Frozen):
     """Everything the record holds about a flow."""
 
@@ -90,6 +97,11 @@ class FlowState(_Frozen):
     created_at: datetime
     updated_at: datetime
     finished_at: datetime | None = None
+    waiting_schema: dict[str, Any] | None = Field(
+        default=None, description="JSON Schema of the signal it waits for, checked at send"
+    )
+    forked_from: ForkOrigin | None = None
+    retries: int = Field(default=0, description="how many times it was retried after failing")
 
     @property
     def finished(self) -> bool:
@@ -98,12 +110,33 @@ class FlowState(_Frozen):
 
 
 class SignalReceipt(_Frozen):
-    """What ``signal_flow`` recorded: the signal's id, and whether it was a duplicate."""
+    """What ``signal_flow`` recorded: the signal's id, whether it was a duplicate, and
+    whether it was delivered to a flow waiting for it (else it is kept until one does)."""
 
     flow_id: str
     signal_id: int
     name: str
     duplicate: bool = False
+    delivered: bool = False
+
+
+WaitKind = Literal["signal", "sleep", "poll", "task", "retry"]
+
+
+class WaitGroup(_Frozen):
+    """Suspended flows of one name waiting on the same thing (``waiting()``).
+
+    ``on`` is the signal, poll or child task name ("" for a sleep or a retry's
+    backoff); ``oldest_since`` is when the longest-waiting one last changed.
+    """
+
+    name: str
+    kind: WaitKind
+    on: str
+    count: int
+    oldest_since: datetime
+    nearest_deadline: datetime | None = None
+    next_wake: datetime | None = None
 
 
 class Retry(_Frozen):

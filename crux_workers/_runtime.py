@@ -47,6 +47,11 @@ class Runtime:
         self._lock = threading.Lock()
 
     @property
+    def services(self) -> Services:
+        """The app's settings, record, cache and transport (for beat's retention task)."""
+        return self._s
+
+    @property
     def engine(self) -> Engine:
         """The execution engine (built on first use, over the app's record and cache)."""
         if self._engine is None:

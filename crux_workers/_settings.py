@@ -102,6 +102,13 @@ class Settings(BaseSettings):
         ge=64 * 1024,
         description="largest task message body a worker decodes (compressed ones: refused)",
     )
+    retention: Seconds | None = Field(
+        default=None,
+        description="beat purges flows finished longer ago than this (e.g. 30d); unset: keep",
+    )
+    retention_interval: Seconds = Field(
+        default=3600.0, description="how often beat runs the retention purge"
+    )
     embedded_threads: int = Field(default=4, ge=1, le=64, description="embedded executor threads")
     auto_migrate: bool = Field(default=True, description="bring the schema to head on first use")
     # -- remote control and health (docs/security.md) ------------------------------------

@@ -28,6 +28,7 @@ log = logging.getLogger("crux_workers.tasks")
 
 TASK_PREFIX = "crux.flow."
 SWEEP_TASK = "crux.sweep"
+RETENTION_TASK = "crux.retention"
 TASK_DONE = "crux.task_done"
 TASK_FAILED = "crux.task_failed"
 # On Redis, 0 is the highest priority. Starts go to the "<queue>:9" list, which workers
@@ -214,10 +215,34 @@ def make_celery(s: Settings, runtime: Runtime, registry: FlowRegistry) -> Celery
         report = runtime.sweep()
         return {"tick": report.tick, "expired": report.expired, "published": report.published}
 
+    # -- retention (issue 14, operations): CRUX_RETENTION purges from beat ----------------
+    _add_retention(app, s, runtime)
+
     _register_child_callbacks(app, runtime)
     for defn in registry.all():
         register_flow_task(app, runtime, defn)
     return app
+
+
+def _add_retention(app: Celery, s: Settings, runtime: Runtime) -> None:
+    """The task that purges finished flows older than ``CRUX_RETENTION``, and its beat
+    entry when the setting is on. The worker that runs it reads its own setting."""
+    from ._ops import retention_tick
+
+    if s.retention is not None:
+        app.conf.beat_schedule["crux-retention"] = {
+            "task": RETENTION_TASK,
+            "schedule": s.retention_interval,
+            "options": {"expires": s.retention_interval},
+        }
+
+    @app.task(name=RETENTION_TASK, acks_late=False, shared=False)  # type: ignore[untyped-decorator]
+    def retention() -> dict[str, Any]:
+        report = retention_tick(runtime.services)
+        if report is None:
+            log.warning("retention: beat asked for a purge but CRUX_RETENTION is unset here")
+            return {}
+        return {"tick": report.tick, "skipped": report.skipped, "purged": report.purged}
 
 
 def _register_child_callbacks(app: Celery, runtime: Runtime) -> None:

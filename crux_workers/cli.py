@@ -14,8 +14,10 @@ import time
 import click
 
 from ._app import Crux, default_app, set_default_app
+from ._cli_check import check
 from ._cli_flows import flows
 from ._cli_health import health
+from ._cli_ops import retry  # noqa: F401  (registers flows retry, fork, waiting)
 from ._cli_ui import ui
 from ._settings import Settings, redact
 from .errors import CruxError
@@ -207,6 +209,7 @@ def _dev_fleet(imports: tuple[str, ...], concurrency: int) -> None:
 
 main.add_command(flows)
 main.add_command(health)
+main.add_command(check)
 main.add_command(ui)
 
 

@@ -46,6 +46,15 @@ class InvalidInput(CruxError, ValueError):
     """Flow input or a call argument failed validation; nothing was recorded."""
 
 
+class InvalidSignal(InvalidInput):
+    """A signal's payload failed the schema its flow waits with; nothing was recorded.
+
+    ``errors`` lists what failed, each as ``{"loc": [...], "msg": ..., "type": ...}``.
+    """
+
+    errors: list[dict[str, object]]
+
+
 class ValueTooLarge(InvalidInput):
     """A value to store (input, step result, signal payload, child result) is over the limit."""
 
@@ -60,6 +69,10 @@ class FlowNotWaiting(CruxError):
 
 class FlowAlreadyFinished(CruxError):
     """The flow has already finished; there is nothing to cancel."""
+
+
+class FlowNotRetryable(CruxError):
+    """Only a failed flow can be retried; this one is in another status."""
 
 
 class FlowIdConflict(CruxError):

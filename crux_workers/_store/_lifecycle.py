@@ -200,6 +200,44 @@ def signal_wakes(status: str, waiting_on: str | None, name: str) -> bool:
     return status == FlowStatus.SUSPENDED and waiting_on == name
 
 
+def checks_at_send(status: str, waiting_on: str | None, schema: str | None, name: str) -> bool:
+    """A signal is validated when sent: the flow waits for that name with a recorded schema.
+
+    The same condition as ``signal_wakes``, plus a schema to check against; a signal to
+    a flow not waiting on that name is kept and validated when a suspend consumes it.
+    """
+    return schema is not None and signal_wakes(status, waiting_on, name)
+
+
+def retryable(status: str) -> bool:
+    """``retry_flow`` takes a failed flow back to its last checkpoint."""
+    return status == FlowStatus.FAILED
+
+
+def fork_point_ok(at: int, recorded: int) -> bool:
+    """A fork copies the first ``at`` of the ``recorded`` checkpoints: 0 to all of them."""
+    return 0 <= at <= recorded
+
+
+def error_number(attempt: int, recorded: int | None) -> int:
+    """The number a failed attempt is kept under in the step's error history.
+
+    Its attempt number, unless the history already counts that far: after a
+    ``retry_flow`` the attempts restart at 1, and the history goes on from its last.
+    """
+    return attempt if recorded is None or recorded < attempt else recorded + 1
+
+
+def wait_kind(wake_kind: str | None) -> str:
+    """What a suspended flow waits on, for the operator: a signal, or its wake kind.
+
+    A signal wait has no wake (no deadline) or an ``expire`` one.
+    """
+    if wake_kind is None or wake_kind == WakeKind.EXPIRE:
+        return "signal"
+    return str(wake_kind)
+
+
 def child_outcome_wakes(status: str, wake_kind: str | None) -> bool:
     """A child task's outcome wakes the flow when it is suspended waiting for a child."""
     return status == FlowStatus.SUSPENDED and wake_kind == WakeKind.TASK

@@ -17,7 +17,10 @@ from typing import Literal
 from .._json import safe_text
 from ..errors import (
     FlowAlreadyFinished,
+    FlowIdConflict,
+    FlowNotRetryable,
     FlowNotWaiting,
+    InvalidInput,
     LeaseLost,
 )
 from . import _lifecycle as life
@@ -42,6 +45,7 @@ from ._types import (
     NotClaimed,
     RecordOverview,
     RejectedRow,
+    SchemaCheck,
     SignalResult,
     SignalRow,
     StepErrorRow,
@@ -52,6 +56,7 @@ from ._types import (
     TaskPoint,
     TaskSend,
     Validator,
+    WaitRow,
 )
 
 
@@ -167,8 +172,9 @@ class MemoryStore:
         with self._lock:
             flow = self._s.touch(lease, 1.0)
             now = self._now()
-            if not any((e.seq, e.attempt) == (seq, attempt) for e in flow.step_errors):
-                flow.step_errors.append(StepErrorRow(seq, attempt, name, error, now))
+            recorded = max((e.attempt for e in flow.step_errors if e.seq == seq), default=None)
+            number = life.error_number(attempt, recorded)
+            flow.step_errors.append(StepErrorRow(seq, number, name, error, now))
             if self._s.cancel_requested(flow):
                 return "cancelled"
             if retry_in is None:
@@ -288,7 +294,7 @@ class MemoryStore:
                     point.seq, CheckpointKind.SUSPEND.value, point.name, point.occurrence, result
                 )
                 self._s.insert_step(flow, cp, None, 1)
-                flow.waiting_on = flow.deadline = None
+                flow.waiting_on = flow.deadline = flow.waiting_schema = None
                 return cp
             now = self._now()
             deadline = life.deadline(point.name, point.timeout, flow.waiting_on, flow.deadline, now)
@@ -296,6 +302,7 @@ class MemoryStore:
                 self._s.end(flow, FlowStatus.EXPIRED)
                 return "expired"
             flow.waiting_on, flow.deadline = point.name, deadline
+            flow.waiting_schema = point.schema
             self._s.suspend(flow, *life.signal_wait(deadline))
             return "suspended"
 
@@ -308,7 +315,15 @@ class MemoryStore:
             self._s.end(flow, status)
             flow.result, flow.error = result, error
 
-    def record_signal(self, flow_id: str, name: str, payload: str, key: str | None) -> SignalResult:
+    def record_signal(
+        self,
+        flow_id: str,
+        name: str,
+        payload: str,
+        key: str | None,
+        *,
+        check: SchemaCheck | None = None,
+    ) -> SignalResult:
         """Durably record a signal; raise ``FlowNotFound`` or ``FlowNotWaiting``."""
         with self._lock:
             flow = self._s.get(flow_id)
@@ -323,6 +338,11 @@ class MemoryStore:
                     status=str(flow.status),
                     signal=name,
                 )
+            if check is not None and life.checks_at_send(
+                flow.status, flow.waiting_on, flow.waiting_schema, name
+            ):
+                assert flow.waiting_schema is not None
+                check(flow.waiting_schema)
             self._signal_ids += 1
             now = self._now()
             flow.signals.append(
@@ -355,6 +375,60 @@ class MemoryStore:
                 flow.wake_at, flow.wake_kind = self._now(), WakeKind.RUN
             return flow.name
 
+    def retry_flow(self, flow_id: str) -> str:
+        """Make a failed flow due again from its last checkpoint; return its flow name."""
+        with self._lock:
+            flow = self._s.get(flow_id)
+            if not life.retryable(flow.status):
+                raise FlowNotRetryable(
+                    f"flow {flow_id!r} is {flow.status}; only a failed flow can be retried",
+                    flow_id=flow_id,
+                    status=str(flow.status),
+                )
+            now = self._now()
+            flow.status = FlowStatus.PENDING
+            flow.result = flow.error = flow.cancel_reason = flow.finished_at = None
+            flow.lease_owner = flow.lease_until = flow.waiting_on = flow.deadline = None
+            flow.waiting_schema = None
+            flow.retry_attempt = 0
+            flow.retries += 1
+            flow.wake_at, flow.wake_kind, flow.updated_at = now, WakeKind.RUN, now
+            self._tasks.forget_failed(flow_id, flow.next_seq)
+            return flow.name
+
+    def fork_flow(self, source_id: str, new_id: str, at: int, input_json: str | None) -> FlowRow:
+        """A new pending flow with the first ``at`` checkpoints of ``source_id``, due now."""
+        with self._lock:
+            src = self._s.get(source_id)
+            if not life.fork_point_ok(at, src.next_seq):
+                raise InvalidInput(
+                    f"flow {source_id!r} has {src.next_seq} checkpoint(s); fork at "
+                    f"0..{src.next_seq}, not {at}",
+                    flow_id=source_id,
+                    at=at,
+                )
+            if new_id in self._flows:
+                raise FlowIdConflict(
+                    f"flow id {new_id!r} is taken; a fork needs a new id", flow_id=new_id
+                )
+            now = self._now()
+            flow = MemoryFlow(
+                new_id,
+                src.name,
+                FlowStatus.PENDING,
+                src.input if input_json is None else input_json,
+                now,
+                now,
+                wake_at=now,
+                wake_kind=WakeKind.RUN,
+                next_seq=at,
+                forked_from=source_id,
+                forked_at=at,
+                steps=[s for s in src.steps if s.seq < at],
+            )
+            self._flows[new_id] = flow
+            return flow_row(flow, details=False)
+
     def get_flow(self, flow_id: str, *, details: bool = True) -> FlowRow:
         """The flow's row, with steps and signals when ``details``."""
         with self._lock:
@@ -385,8 +459,12 @@ class MemoryStore:
         return self._admin.overview()
 
     def purge_finished(self, before: datetime) -> int:
-        """Delete finished flows that ended before ``before``."""
+        """Delete finished flows (all their rows), and refused messages, from before ``before``."""
         return self._admin.purge_finished(before)
+
+    def waiting(self, name: str | None = None) -> list[WaitRow]:
+        """Suspended flows (of ``name``) grouped by what they wait on; woken ones excluded."""
+        return self._admin.waiting(name)
 
     def record_rejected(
         self,

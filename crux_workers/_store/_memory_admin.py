@@ -8,7 +8,16 @@ from .._json import safe_text
 from . import _lifecycle as life
 from ._memory_state import MemoryFlow, MemoryState, flow_row
 from ._text import clip
-from ._types import FlowFilter, FlowPage, FlowRow, RecordOverview, RejectedRow
+from ._types import (
+    FlowFilter,
+    FlowPage,
+    FlowRow,
+    RecordOverview,
+    RejectedRow,
+    WaitRow,
+    merge_waits,
+    wait_on,
+)
 
 
 class MemoryAdmin:
@@ -65,7 +74,7 @@ class MemoryAdmin:
             return RecordOverview(counts, len(due), min(due, default=None), None, now)
 
     def purge_finished(self, before: datetime) -> int:
-        """Delete finished flows that ended before ``before``."""
+        """Delete finished flows (all their rows), and refused messages, from before ``before``."""
         with self._s.lock:
             gone = [
                 f.id
@@ -78,7 +87,27 @@ class MemoryAdmin:
                 del self._s.flows[flow_id]
             for key in [k for k in self._s.tasks if k[0] in set(gone)]:
                 del self._s.tasks[key]
+            self._s.rejected[:] = [r for r in self._s.rejected if r.received_at >= before]
             return len(gone)
+
+    def waiting(self, name: str | None = None) -> list[WaitRow]:
+        """Suspended flows (of ``name``) grouped by what they wait on; woken ones excluded."""
+        with self._s.lock:
+            return merge_waits(
+                WaitRow(
+                    f.name,
+                    life.wait_kind(f.wake_kind),
+                    wait_on(f.waiting_on),
+                    1,
+                    f.updated_at,
+                    f.deadline,
+                    f.wake_at,
+                )
+                for f in self._s.flows.values()
+                if f.status == life.FlowStatus.SUSPENDED
+                and f.wake_kind != life.WakeKind.RUN
+                and (name is None or f.name == name)
+            )
 
     def record_rejected(
         self,
@@ -93,8 +122,9 @@ class MemoryAdmin:
         """Keep a refused ingress message with its reason; returns its id."""
         with self._s.lock:
             # Bounded and cleaned as the SQL store keeps them.
+            self._s.rejected_ids += 1
             row = RejectedRow(
-                len(self._s.rejected) + 1,
+                self._s.rejected_ids,
                 safe_text(reason),
                 safe_text(detail),
                 clip(flow_id),

@@ -38,6 +38,10 @@ class MemoryFlow:
     runs: int = 0
     retry_attempt: int = 0
     finished_at: datetime | None = None
+    waiting_schema: str | None = None
+    forked_from: str | None = None
+    forked_at: int | None = None
+    retries: int = 0
     steps: list[StepRow] = dataclasses.field(default_factory=list)
     signals: list[SignalRow] = dataclasses.field(default_factory=list)
     step_errors: list[StepErrorRow] = dataclasses.field(default_factory=list)
@@ -67,6 +71,7 @@ class MemoryState:
         self.flows: dict[str, MemoryFlow] = {}
         self.tasks: dict[tuple[str, int], MemoryTask] = {}
         self.rejected: list[RejectedRow] = []
+        self.rejected_ids = 0
         self.lock = threading.RLock()
         self.now = clock
         self.commits = 0
@@ -129,7 +134,7 @@ class MemoryState:
         flow.status, flow.finished_at = status, self.now()
         flow.updated_at = flow.finished_at
         flow.lease_owner = flow.lease_until = flow.wake_at = flow.wake_kind = None
-        flow.waiting_on = flow.deadline = None
+        flow.waiting_on = flow.deadline = flow.waiting_schema = None
 
     def suspend(self, flow: MemoryFlow, wake_at: datetime | None, kind: str | None) -> None:
         """Suspend the flow until ``wake_at`` (for ``kind``) and free its lease."""

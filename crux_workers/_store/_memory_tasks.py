@@ -74,6 +74,12 @@ class MemoryTasks:
         self._s.suspend(flow, sent_at + timedelta(seconds=point.resend_after), WakeKind.TASK)
         flow.waiting_on, flow.deadline = f"task:{point.name}", None
 
+    def forget_failed(self, flow_id: str, seq: int) -> None:
+        """A retried flow: the failed child at ``seq`` is superseded by a new attempt 1."""
+        row = self._s.tasks.get((flow_id, seq))
+        if row is not None and row.status == TaskStatus.FAILED:
+            row.attempt = 0
+
     def complete_task(
         self, task_id: str, *, result: str | None, error: str | None
     ) -> tuple[str, str] | None:

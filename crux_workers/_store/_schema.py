@@ -46,11 +46,18 @@ flows = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
     Column("finished_at", DateTime(timezone=True)),
+    # The JSON Schema of the signal a suspended flow waits for (checked at send).
+    Column("waiting_schema", Text),
+    # Where a fork came from: the source flow and how many checkpoints it copied.
+    Column("forked_from", String(200)),
+    Column("forked_at", Integer),
+    # How many times an operator retried the flow after it failed.
+    Column("retries", Integer, nullable=False, server_default="0"),
     Index("ix_crux_flows_name_status", "name", "status"),
     Index("ix_crux_flows_status", "status"),
     Index("ix_crux_flows_wake_at", "wake_at"),
     Index("ix_crux_flows_status_lease", "status", "lease_until"),
-    # The console's keyset pages, newest first (migration 0004).
+    # The console's keyset pages, newest first (migration 0006).
     Index("ix_crux_flows_created", "created_at", "id"),
     Index("ix_crux_flows_status_created", "status", "created_at", "id"),
 )

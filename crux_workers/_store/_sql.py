@@ -40,6 +40,7 @@ from ._types import (
     NotClaimed,
     RecordOverview,
     RejectedRow,
+    SchemaCheck,
     SignalResult,
     SuspendOutcome,
     Suspension,
@@ -48,6 +49,7 @@ from ._types import (
     TaskPoint,
     TaskSend,
     Validator,
+    WaitRow,
 )
 
 __all__ = ["ACTIVE", "SqlStore", "make_engine"]
@@ -155,9 +157,25 @@ class SqlStore:
         """Insert a pending flow, or return the existing row; the bool says if created."""
         return self._client.create_flow(flow_id, name, input_json)
 
-    def record_signal(self, flow_id: str, name: str, payload: str, key: str | None) -> SignalResult:
+    def record_signal(
+        self,
+        flow_id: str,
+        name: str,
+        payload: str,
+        key: str | None,
+        *,
+        check: SchemaCheck | None = None,
+    ) -> SignalResult:
         """Durably record a signal; raise ``FlowNotFound`` or ``FlowNotWaiting``."""
-        return self._client.record_signal(flow_id, name, payload, key)
+        return self._client.record_signal(flow_id, name, payload, key, check=check)
+
+    def retry_flow(self, flow_id: str) -> str:
+        """Make a failed flow due again from its last checkpoint; return its flow name."""
+        return self._client.retry_flow(flow_id)
+
+    def fork_flow(self, source_id: str, new_id: str, at: int, input_json: str | None) -> FlowRow:
+        """A new pending flow with the first ``at`` checkpoints of ``source_id``, due now."""
+        return self._client.fork_flow(source_id, new_id, at, input_json)
 
     def request_resume(self, flow_id: str) -> str:
         """Mark a suspended flow as due now; return its flow name."""
@@ -202,8 +220,12 @@ class SqlStore:
         return self._admin.overview()
 
     def purge_finished(self, before: datetime) -> int:
-        """Delete finished flows (with their steps and signals) that ended before ``before``."""
+        """Delete finished flows (all their rows), and refused messages, from before ``before``."""
         return self._admin.purge_finished(before)
+
+    def waiting(self, name: str | None = None) -> list[WaitRow]:
+        """Suspended flows (of ``name``) grouped by what they wait on; woken ones excluded."""
+        return self._admin.waiting(name)
 
     def record_rejected(
         self,

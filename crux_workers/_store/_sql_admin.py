@@ -12,11 +12,20 @@ from sqlalchemy import and_, delete, func, insert, or_, select
 
 from .._json import safe_text
 from ._clock import aware
-from ._lifecycle import ACTIVE, TERMINAL
+from ._lifecycle import ACTIVE, TERMINAL, FlowStatus, WakeKind, wait_kind
 from ._schema import flows, rejected_signals, signals, step_errors, steps, sweeps, tasks
 from ._sql_db import SqlDb
 from ._text import clip
-from ._types import FlowFilter, FlowPage, FlowRow, RecordOverview, RejectedRow
+from ._types import (
+    FlowFilter,
+    FlowPage,
+    FlowRow,
+    RecordOverview,
+    RejectedRow,
+    WaitRow,
+    merge_waits,
+    wait_on,
+)
 
 _PURGE_BATCH = 1000
 
@@ -82,7 +91,7 @@ class SqlAdmin:
         return RecordOverview(counts, int(due), aware(oldest), aware(last), now)
 
     def purge_finished(self, before: datetime) -> int:
-        """Delete finished flows (with their steps and signals) that ended before ``before``."""
+        """Delete finished flows (all their rows), and refused messages, from before ``before``."""
         c = flows.c
         purged = 0
         while True:
@@ -104,7 +113,55 @@ class SqlAdmin:
                     conn.execute(delete(flows).where(c.id.in_(ids)))
             purged += len(ids)
             if len(ids) < _PURGE_BATCH:
+                break
+        r = rejected_signals.c
+        while True:
+            with self._db.tx() as conn:
+                old = (
+                    conn.execute(select(r.id).where(r.received_at < before).limit(_PURGE_BATCH))
+                    .scalars()
+                    .all()
+                )
+                if old:
+                    conn.execute(delete(rejected_signals).where(r.id.in_(old)))
+            if len(old) < _PURGE_BATCH:
                 return purged
+
+    def waiting(self, name: str | None = None) -> list[WaitRow]:
+        """Suspended flows (of ``name``) grouped by what they wait on; woken ones excluded."""
+        c = flows.c
+        query = (
+            select(
+                c.name,
+                c.wake_kind,
+                c.waiting_on,
+                func.count().label("n"),
+                func.min(c.updated_at).label("since"),
+                func.min(c.deadline).label("deadline"),
+                func.min(c.wake_at).label("wake"),
+            )
+            .where(
+                c.status == FlowStatus.SUSPENDED,
+                or_(c.wake_kind.is_(None), c.wake_kind != WakeKind.RUN),
+            )
+            .group_by(c.name, c.wake_kind, c.waiting_on)
+        )
+        if name is not None:
+            query = query.where(c.name == name)
+        with self._db.tx() as conn:
+            rows = conn.execute(query).all()
+        return merge_waits(
+            WaitRow(
+                r.name,
+                wait_kind(r.wake_kind),
+                wait_on(r.waiting_on),
+                int(r.n),
+                aware(r.since) or self._db.now(),
+                aware(r.deadline),
+                aware(r.wake),
+            )
+            for r in rows
+        )
 
     def record_rejected(
         self,

@@ -9,13 +9,21 @@ from __future__ import annotations
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import insert, select, update
 
-from ..errors import FlowAlreadyFinished, FlowNotFound, FlowNotWaiting, StoreError
+from ..errors import (
+    FlowAlreadyFinished,
+    FlowIdConflict,
+    FlowNotFound,
+    FlowNotRetryable,
+    FlowNotWaiting,
+    InvalidInput,
+    StoreError,
+)
 from . import _lifecycle as life
 from ._clock import aware
-from ._lifecycle import FlowStatus, SignalStatus, WakeKind
-from ._schema import flows, signals, step_errors, steps
-from ._sql_db import SqlDb
-from ._types import FlowRow, SignalResult, SignalRow, StepErrorRow, StepRow
+from ._lifecycle import FlowStatus, SignalStatus, TaskStatus, WakeKind
+from ._schema import flows, signals, step_errors, steps, tasks
+from ._sql_db import NO_LEASE, SqlDb
+from ._types import FlowRow, SchemaCheck, SignalResult, SignalRow, StepErrorRow, StepRow
 
 
 def not_waiting(flow_id: str, status: str, name: str) -> FlowNotWaiting:
@@ -26,6 +34,42 @@ def not_waiting(flow_id: str, status: str, name: str) -> FlowNotWaiting:
         status=status,
         signal=name,
     )
+
+
+def not_retryable(flow_id: str, status: str) -> FlowNotRetryable:
+    """The refusal of a retry of a flow that has not failed."""
+    return FlowNotRetryable(
+        f"flow {flow_id!r} is {status}; only a failed flow can be retried",
+        flow_id=flow_id,
+        status=status,
+    )
+
+
+def bad_fork_point(flow_id: str, at: int, recorded: int) -> InvalidInput:
+    """The refusal of a fork past the source's checkpoints."""
+    return InvalidInput(
+        f"flow {flow_id!r} has {recorded} checkpoint(s); fork at 0..{recorded}, not {at}",
+        flow_id=flow_id,
+        at=at,
+    )
+
+
+# What a retried flow no longer has: it is pending again, due now, at its last checkpoint.
+_RETRIED = {
+    "status": FlowStatus.PENDING,
+    "result": None,
+    "error": None,
+    "cancel_reason": None,
+    "finished_at": None,
+    "retry_attempt": 0,
+    "wake_kind": WakeKind.RUN,
+    **{k: v for k, v in NO_LEASE.items() if k not in ("wake_at", "wake_kind")},
+}
+
+
+def fork_conflict(flow_id: str) -> FlowIdConflict:
+    """The refusal of a fork onto an id that is taken."""
+    return FlowIdConflict(f"flow id {flow_id!r} is taken; a fork needs a new id", flow_id=flow_id)
 
 
 class SqlClient:
@@ -85,19 +129,31 @@ class SqlClient:
             db.end(conn, flow_id, FlowStatus.CANCELLED)
         return "cancelled"
 
-    def record_signal(self, flow_id: str, name: str, payload: str, key: str | None) -> SignalResult:
-        """Durably record a signal; raise ``FlowNotFound`` or ``FlowNotWaiting``."""
+    def record_signal(
+        self,
+        flow_id: str,
+        name: str,
+        payload: str,
+        key: str | None,
+        *,
+        check: SchemaCheck | None = None,
+    ) -> SignalResult:
+        """Durably record a signal; raise ``FlowNotFound`` or ``FlowNotWaiting``.
+
+        With ``check``, a payload for a flow waiting on ``name`` with a schema is
+        checked first, under the flow's lock; if ``check`` raises, nothing is recorded.
+        """
         try:
-            return self._record_signal(flow_id, name, payload, key)
+            return self._record_signal(flow_id, name, payload, key, check)
         except StoreError as exc:
             if isinstance(exc.__cause__, sa_exc.IntegrityError) and key is not None:
                 # Lost a race on the same key (a backend without row locks, or a same-key
                 # signal that committed while this one waited for the flow's lock).
-                return self.record_signal(flow_id, name, payload, key)
+                return self.record_signal(flow_id, name, payload, key, check=check)
             raise
 
     def _record_signal(
-        self, flow_id: str, name: str, payload: str, key: str | None
+        self, flow_id: str, name: str, payload: str, key: str | None, check: SchemaCheck | None
     ) -> SignalResult:
         db, c, s = self._db, flows.c, signals.c
         now = db.now()
@@ -105,7 +161,9 @@ class SqlClient:
             # Lock the flow row first: signals then commit in the order of their ids,
             # and a suspend in progress either sees this signal or is seen by it.
             row = conn.execute(
-                select(c.status, c.name, c.waiting_on).where(c.id == flow_id).with_for_update()
+                select(c.status, c.name, c.waiting_on, c.waiting_schema)
+                .where(c.id == flow_id)
+                .with_for_update()
             ).first()
             if row is None:
                 raise FlowNotFound(f"no flow {flow_id!r}", flow_id=flow_id)
@@ -115,6 +173,10 @@ class SqlClient:
                     return SignalResult(int(dup), row.name, duplicate=True, wake=False)
             if not life.accepts_signal(row.status):
                 raise not_waiting(flow_id, row.status, name)
+            if check is not None and life.checks_at_send(
+                row.status, row.waiting_on, row.waiting_schema, name
+            ):
+                check(row.waiting_schema)
             signal_id = conn.execute(
                 insert(signals)
                 .values(
@@ -156,6 +218,74 @@ class SqlClient:
                     .values(wake_at=db.now(), wake_kind=WakeKind.RUN)
                 )
         return str(row.name)
+
+    def retry_flow(self, flow_id: str) -> str:
+        """Make a failed flow due again from its last checkpoint; return its flow name."""
+        db, c, t = self._db, flows.c, tasks.c
+        now = db.now()
+        with db.tx() as conn:
+            row = conn.execute(
+                select(c.status, c.name, c.next_seq).where(c.id == flow_id).with_for_update()
+            ).first()
+            if row is None:
+                raise FlowNotFound(f"no flow {flow_id!r}", flow_id=flow_id)
+            if not life.retryable(row.status):
+                raise not_retryable(flow_id, row.status)
+            conn.execute(
+                update(flows)
+                .where(c.id == flow_id)
+                .values(**_RETRIED, retries=c.retries + 1, wake_at=now, updated_at=now)
+            )
+            # A child that failed at the failed step: the fresh attempt 1 sends a new one.
+            conn.execute(
+                update(tasks)
+                .where(t.flow_id == flow_id, t.seq == row.next_seq, t.status == TaskStatus.FAILED)
+                .values(attempt=0)
+            )
+        return str(row.name)
+
+    def fork_flow(self, source_id: str, new_id: str, at: int, input_json: str | None) -> FlowRow:
+        """A new pending flow with the first ``at`` checkpoints of ``source_id``, due now."""
+        db, c, st = self._db, flows.c, steps.c
+        now = db.now()
+        with db.tx() as conn:
+            src = conn.execute(
+                select(c.name, c.input, c.next_seq).where(c.id == source_id).with_for_update()
+            ).first()
+            if src is None:
+                raise FlowNotFound(f"no flow {source_id!r}", flow_id=source_id)
+            copied = conn.execute(
+                select(steps).where(st.flow_id == source_id, st.seq < at).order_by(st.seq)
+            ).all()
+            if not life.fork_point_ok(at, int(src.next_seq)):
+                raise bad_fork_point(source_id, at, int(src.next_seq))
+            if conn.execute(select(c.id).where(c.id == new_id)).first() is not None:
+                raise fork_conflict(new_id)
+            conn.execute(
+                insert(flows).values(
+                    id=new_id,
+                    name=src.name,
+                    status=FlowStatus.PENDING,
+                    input=src.input if input_json is None else input_json,
+                    wake_at=now,
+                    wake_kind=WakeKind.RUN,
+                    epoch=0,
+                    next_seq=at,
+                    runs=0,
+                    retries=0,
+                    forked_from=source_id,
+                    forked_at=at,
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+            if copied:
+                conn.execute(
+                    insert(steps),
+                    [{**r._asdict(), "flow_id": new_id, "epoch": 0} for r in copied],
+                )
+            row = conn.execute(select(flows).where(c.id == new_id)).one()
+        return db.flow_row(row)
 
     def get_flow(self, flow_id: str, *, details: bool = True) -> FlowRow:
         """The flow's row, with steps and signals when ``details``; ``FlowNotFound`` if none."""

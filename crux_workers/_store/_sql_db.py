@@ -38,6 +38,7 @@ NO_LEASE: dict[str, Any] = {
     "wake_kind": None,
     "waiting_on": None,
     "deadline": None,
+    "waiting_schema": None,
 }
 
 
@@ -218,5 +219,9 @@ class SqlDb:
             created_at=aware(r.created_at) or self.now(),
             updated_at=aware(r.updated_at) or self.now(),
             finished_at=aware(r.finished_at),
+            waiting_schema=r.waiting_schema,
+            forked_from=r.forked_from,
+            forked_at=r.forked_at,
+            retries=int(r.retries or 0),
             **extra,
         )

@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Literal
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 
 from .._json import safe_text
 from . import _lifecycle as life
@@ -149,12 +149,18 @@ class SqlExecutor:
         now = db.now()
         with db.tx() as conn:
             row = db.touch_unless_cancelled(conn, lease)
+            # After retry_flow the attempts restart at 1: the history keeps counting.
+            recorded = conn.execute(
+                select(func.max(step_errors.c.attempt)).where(
+                    step_errors.c.flow_id == lease.flow_id, step_errors.c.seq == seq
+                )
+            ).scalar()
             conn.execute(
                 db.insert(step_errors)
                 .values(
                     flow_id=lease.flow_id,
                     seq=seq,
-                    attempt=attempt,
+                    attempt=life.error_number(attempt, recorded),
                     name=name,
                     error=error,
                     created_at=now,
@@ -267,7 +273,12 @@ class SqlExecutor:
                     conn.execute(
                         update(flows)
                         .where(flows.c.id == lease.flow_id)
-                        .values(next_seq=point.seq + 1, waiting_on=None, deadline=None)
+                        .values(
+                            next_seq=point.seq + 1,
+                            waiting_on=None,
+                            deadline=None,
+                            waiting_schema=None,
+                        )
                     )
                     db.insert_step(conn, lease, cp, started_at=None, attempts=1)
                     return cp
@@ -286,6 +297,7 @@ class SqlExecutor:
                 deadline=deadline,
                 wake_at=wake_at,
                 wake_kind=wake_kind,
+                waiting_schema=point.schema,
             )
         return "suspended"
 

@@ -22,7 +22,7 @@ from ._lifecycle import FlowStatus
 from ._sql_client import SqlClient, not_waiting
 from ._sql_db import SqlDb, lease_lost
 from ._sql_exec import SqlExecutor
-from ._types import Checkpoint, Lease, SignalResult
+from ._types import Checkpoint, Lease, SchemaCheck, SignalResult
 
 
 class PgDb(SqlDb):
@@ -95,25 +95,35 @@ class PgClient(SqlClient):
     """The client's writes on Postgres: a signal in one statement."""
 
     def _record_signal(
-        self, flow_id: str, name: str, payload: str, key: str | None
+        self, flow_id: str, name: str, payload: str, key: str | None, check: SchemaCheck | None
     ) -> SignalResult:
         # The same steps as SqlClient's transaction, as one statement: one round trip and
-        # one commit on the caller's side of every signal.
-        with self._db.one() as conn:
-            row = conn.execute(
-                rules.RECORD_SIGNAL,
-                {
-                    "flow_id": flow_id,
-                    "name": name,
-                    "payload": payload,
-                    "key": key,
-                    "now": self._db.now(),
-                },
-            ).first()
-        if row is None:
-            raise FlowNotFound(f"no flow {flow_id!r}", flow_id=flow_id)
-        if row.dup_id is not None:
-            return SignalResult(int(row.dup_id), row.name, duplicate=True, wake=False)
-        if row.new_id is None:
-            raise not_waiting(flow_id, row.status, name)
-        return SignalResult(int(row.new_id), row.name, duplicate=False, wake=bool(row.woke))
+        # one commit on the caller's side of every signal. With ``check``, a flow waiting
+        # on this name with a schema refuses the insert and returns the schema; once the
+        # payload passed it, a second statement inserts, if the flow still waits with it.
+        checked: str | None = None
+        while True:
+            with self._db.one() as conn:
+                row = conn.execute(
+                    rules.RECORD_SIGNAL,
+                    {
+                        "flow_id": flow_id,
+                        "name": name,
+                        "payload": payload,
+                        "key": key,
+                        "now": self._db.now(),
+                        "gate": check is not None,
+                        "checked": checked,
+                    },
+                ).first()
+            if row is None:
+                raise FlowNotFound(f"no flow {flow_id!r}", flow_id=flow_id)
+            if row.dup_id is not None:
+                return SignalResult(int(row.dup_id), row.name, duplicate=True, wake=False)
+            if row.new_id is not None:
+                return SignalResult(int(row.new_id), row.name, duplicate=False, wake=bool(row.woke))
+            if row.gated is None:
+                raise not_waiting(flow_id, row.status, name)
+            assert check is not None
+            check(row.gated)
+            checked = row.gated

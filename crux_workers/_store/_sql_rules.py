@@ -62,15 +62,24 @@ def sweep_expires() -> Any:
 
 
 # Postgres: record a signal in one statement (``PgClient.record_signal``).
-# Rules: ``accepts_signal`` (the INSERT's status list) and ``signal_wakes`` (the
-# UPDATE's condition on f). The flow's row lock comes first, so signal ids follow
-# commit order, and a suspend either sees the signal or is woken by it. A same-key
-# signal committed while this statement waited for the lock is not in its snapshot:
-# the unique key refuses the insert, and the caller retries, then finds it.
+# Rules: ``accepts_signal`` (the INSERT's status list), ``signal_wakes`` (the UPDATE's
+# condition on f) and, with :gate, ``checks_at_send``: a flow waiting on this name with a
+# schema takes the signal only once the caller checked the payload against that very
+# schema (:checked); otherwise nothing is inserted and the schema is returned (gated).
+# The flow's row lock comes first, so signal ids follow commit order, and a suspend
+# either sees the signal or is woken by it. A same-key signal committed while this
+# statement waited for the lock is not in its snapshot: the unique key refuses the
+# insert, and the caller retries, then finds it.
 RECORD_SIGNAL = text(
     """
     WITH f AS (
-        SELECT id, name, status, waiting_on FROM crux_flows WHERE id = :flow_id FOR UPDATE
+        SELECT id, name, status, waiting_on, waiting_schema
+          FROM crux_flows WHERE id = :flow_id FOR UPDATE
+    ), gate AS (
+        SELECT f.waiting_schema AS schema FROM f
+         WHERE CAST(:gate AS boolean) AND f.status = 'suspended' AND f.waiting_on = :name
+           AND f.waiting_schema IS NOT NULL
+           AND f.waiting_schema IS DISTINCT FROM CAST(:checked AS text)
     ), dup AS (
         SELECT s.id FROM crux_signals s
          WHERE s.flow_id = :flow_id AND s.key = :key AND EXISTS (SELECT 1 FROM f)
@@ -79,6 +88,7 @@ RECORD_SIGNAL = text(
         SELECT f.id, :name, :payload, :key, 'pending', :now FROM f
          WHERE f.status IN ('pending', 'running', 'suspended')
            AND NOT EXISTS (SELECT 1 FROM dup)
+           AND NOT EXISTS (SELECT 1 FROM gate)
         RETURNING id
     ), woke AS (
         -- Decided on f, the locked and current row: this statement's snapshot may be
@@ -92,6 +102,7 @@ RECORD_SIGNAL = text(
     SELECT f.name, f.status,
            (SELECT id FROM dup LIMIT 1) AS dup_id,
            (SELECT id FROM ins) AS new_id,
+           (SELECT schema FROM gate) AS gated,
            EXISTS (SELECT 1 FROM woke) AS woke
       FROM f
     """

@@ -30,7 +30,11 @@ class SqlSweeper:
                 .returning(sweeps.c.tick)
             ).first()
             if got is not None and tick % 100 == 0:
-                conn.execute(sweeps.delete().where(sweeps.c.tick < tick - 10_000))
+                old = sweeps.c.tick < tick - 10_000
+                if tick >= 0:
+                    # Negative ticks are retention runs' (crux_workers._ops): not the sweep's.
+                    old = old & (sweeps.c.tick >= 0)
+                conn.execute(sweeps.delete().where(old))
         return got is not None
 
     def sweep(self, *, limit: int, redrive_after: float) -> SweepResult:

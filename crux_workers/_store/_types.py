@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal, Protocol
@@ -120,6 +120,10 @@ class FlowRow:
     created_at: datetime
     updated_at: datetime
     finished_at: datetime | None
+    waiting_schema: str | None = None
+    forked_from: str | None = None
+    forked_at: int | None = None
+    retries: int = 0
     steps: list[StepRow] = field(default_factory=list)
     signals: list[SignalRow] = field(default_factory=list)
     step_errors: list[StepErrorRow] = field(default_factory=list)
@@ -147,6 +151,8 @@ class Suspension:
     name: str
     occurrence: int
     timeout: float | None
+    schema: str | None = None
+    """The JSON Schema (text) of the payload, recorded with the wait so a sender can check."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,6 +242,55 @@ class RecordOverview:
     last_sweep: datetime | None
     now: datetime
 
+
+@dataclass(frozen=True, slots=True)
+class WaitRow:
+    """Suspended flows of one name that wait on the same thing, counted."""
+
+    name: str
+    kind: str
+    on: str
+    count: int
+    oldest_since: datetime
+    nearest_deadline: datetime | None
+    next_wake: datetime | None
+
+
+def wait_on(waiting_on: str | None) -> str:
+    """What a wait is on, for the operator: the signal, poll or child task name, or ""."""
+    if waiting_on is None:
+        return ""
+    return waiting_on.removeprefix("task:")
+
+
+def merge_waits(rows: Iterable[WaitRow]) -> list[WaitRow]:
+    """One row per (name, kind, on), most flows first (a signal wait with and without
+    a deadline come from different wake kinds)."""
+    merged: dict[tuple[str, str, str], WaitRow] = {}
+    for r in rows:
+        key = (r.name, r.kind, r.on)
+        had = merged.get(key)
+        if had is not None:
+            r = WaitRow(
+                r.name,
+                r.kind,
+                r.on,
+                had.count + r.count,
+                min(had.oldest_since, r.oldest_since),
+                _least(had.nearest_deadline, r.nearest_deadline),
+                _least(had.next_wake, r.next_wake),
+            )
+        merged[key] = r
+    return sorted(merged.values(), key=lambda w: (-w.count, w.name, w.kind, w.on))
+
+
+def _least(a: datetime | None, b: datetime | None) -> datetime | None:
+    return b if a is None else a if b is None else min(a, b)
+
+
+# Called with the JSON Schema a flow waits with; raises (``InvalidSignal``) to refuse
+# the payload, in which case nothing is recorded.
+SchemaCheck = Callable[[str], None]
 
 # Turns a signal payload (JSON text) into the JSON text to checkpoint, or raises
 # ValueError with the reason the payload is rejected.
@@ -343,8 +398,39 @@ class ClientStore(Protocol):
         """Insert a pending flow, or return the existing row; the bool says if created."""
         ...
 
-    def record_signal(self, flow_id: str, name: str, payload: str, key: str | None) -> SignalResult:
-        """Durably record a signal; raise ``FlowNotFound`` or ``FlowNotWaiting``."""
+    def record_signal(
+        self,
+        flow_id: str,
+        name: str,
+        payload: str,
+        key: str | None,
+        *,
+        check: SchemaCheck | None = None,
+    ) -> SignalResult:
+        """Durably record a signal; raise ``FlowNotFound`` or ``FlowNotWaiting``.
+
+        With ``check``, a flow suspended on ``name`` with a recorded schema has the
+        payload checked first (``_lifecycle.checks_at_send``), under the flow's lock:
+        if ``check`` raises, nothing is recorded.
+        """
+        ...
+
+    def retry_flow(self, flow_id: str) -> str:
+        """Make a failed flow due again from its last checkpoint; return its flow name.
+
+        The failed step gets a fresh attempt count; checkpoints, signals and the
+        failed attempts' history stay. ``FlowNotFound``; ``FlowNotRetryable`` when the
+        flow is not failed.
+        """
+        ...
+
+    def fork_flow(self, source_id: str, new_id: str, at: int, input_json: str | None) -> FlowRow:
+        """A new pending flow with the first ``at`` checkpoints of ``source_id``, due now.
+
+        Same flow name; the source's input unless ``input_json``. ``FlowNotFound``;
+        ``InvalidInput`` when ``at`` is past the source's checkpoints; ``FlowIdConflict``
+        when ``new_id`` exists.
+        """
         ...
 
     def request_resume(self, flow_id: str) -> str:
@@ -394,7 +480,14 @@ class AdminStore(Protocol):
         ...
 
     def purge_finished(self, before: datetime) -> int:
-        """Delete finished flows (with their steps and signals) that ended before ``before``."""
+        """Delete finished flows (with all their rows) that ended before ``before``.
+
+        Refused ingress messages received before ``before`` go too; the count is of flows.
+        """
+        ...
+
+    def waiting(self, name: str | None = None) -> list[WaitRow]:
+        """Suspended flows (of ``name``) grouped by what they wait on; woken ones excluded."""
         ...
 
     def record_rejected(

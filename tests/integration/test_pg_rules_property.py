@@ -23,7 +23,7 @@ from crux_workers._store._lifecycle import FlowStatus, WakeKind
 from crux_workers._store._schema import flows, signals, steps
 from crux_workers._store._sql import SqlStore
 from crux_workers._store._types import Checkpoint, Lease
-from crux_workers.errors import LeaseLost
+from crux_workers.errors import InvalidSignal, LeaseLost
 
 NOW = datetime(2026, 11, 21, 10, 0, tzinfo=UTC)
 CASES = settings(
@@ -192,3 +192,38 @@ def test_the_one_statement_step_commit_agrees_with_the_fence(
     assert store.get_flow(flow_id, details=False).status == (
         "cancelled" if cancelled else "running"
     )
+
+
+@CASES
+@given(
+    row=flow_rows,
+    schema=st.sampled_from([None, '{"type":"object"}']),
+    name=st.sampled_from(["a", "b"]),
+    passes=st.booleans(),
+)
+def test_the_one_statement_signal_checks_at_send_as_the_rule_says(
+    store: SqlStore, row: dict[str, Any], schema: str | None, name: str, passes: bool
+) -> None:
+    (flow_id,) = _load(store.engine, [{**row, "waiting_schema": schema}])
+    seen: list[str] = []
+
+    def check(got: str) -> None:
+        seen.append(got)
+        if not passes:
+            raise InvalidSignal("refused", errors=[])
+
+    checks = life.checks_at_send(row["status"], row["waiting_on"], schema, name)
+    if not life.accepts_signal(row["status"]):
+        with pytest.raises(FlowNotWaiting):
+            store.record_signal(flow_id, name, "1", None, check=check)
+        assert seen == []
+        return
+    if checks and not passes:
+        with pytest.raises(InvalidSignal):
+            store.record_signal(flow_id, name, "1", None, check=check)
+    else:
+        got = store.record_signal(flow_id, name, "1", None, check=check)
+        assert got.wake == life.signal_wakes(row["status"], row["waiting_on"], name)
+    assert seen == ([schema] if checks else [])
+    recorded = store.get_flow(flow_id).signals
+    assert len(recorded) == (0 if checks and not passes else 1)

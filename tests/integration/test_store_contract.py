@@ -27,7 +27,14 @@ from crux_workers._store._types import (
     TaskPoint,
     TaskSend,
 )
-from crux_workers.errors import LeaseLost, NonDeterminismError
+from crux_workers.errors import (
+    FlowIdConflict,
+    FlowNotRetryable,
+    InvalidInput,
+    InvalidSignal,
+    LeaseLost,
+    NonDeterminismError,
+)
 
 
 class Clock:
@@ -498,6 +505,184 @@ def test_close_releases_connections_and_the_record_stays(store: tuple[CruxStore,
         assert s.get_flow("f", details=False).status == "pending"
 
 
+SCHEMA = '{"type":"object","required":["ok"]}'
+
+
+def test_a_signal_to_a_flow_waiting_with_a_schema_is_checked_under_its_lock(
+    store: tuple[CruxStore, Clock],
+) -> None:
+    s, _ = store
+    s.create_flow("f", "demo", "{}")
+    seen: list[str] = []
+
+    def refuse(schema: str) -> None:
+        seen.append(schema)
+        raise InvalidSignal("no", errors=[])
+
+    # Not waiting yet: kept without a check (validated when consumed).
+    early = s.record_signal("f", "n", '"early"', None, check=refuse)
+    assert not early.wake and seen == []
+    lease = _claim(s, "f")
+    got = s.take_signal_or_suspend(lease, Suspension(0, "n", 0, None, SCHEMA), accept, 10)
+    assert isinstance(got, Checkpoint) and got.result == '"early"'
+    assert s.get_flow("f", details=False).waiting_schema is None
+    assert s.take_signal_or_suspend(lease, Suspension(1, "n", 1, None, SCHEMA), accept, 10) == (
+        "suspended"
+    )
+    assert s.get_flow("f", details=False).waiting_schema == SCHEMA
+    with pytest.raises(InvalidSignal):
+        s.record_signal("f", "n", '"bad"', "k1", check=refuse)
+    assert seen == [SCHEMA]
+    assert [g.payload for g in s.get_flow("f").signals] == ['"early"']  # nothing recorded
+    other = s.record_signal("f", "other", "1", None, check=refuse)  # another name: kept
+    assert not other.wake and seen == [SCHEMA]
+    ok = s.record_signal("f", "n", '"good"', "k1", check=lambda schema: seen.append(schema))
+    assert ok.wake and not ok.duplicate and seen == [SCHEMA, SCHEMA]
+    again = s.record_signal("f", "n", '"good"', "k1", check=refuse)  # the key dedupes first
+    assert again.duplicate and again.signal_id == ok.signal_id
+    s.cancel("f", "done")
+    assert s.get_flow("f", details=False).waiting_schema is None
+
+
+def test_retry_makes_a_failed_flow_due_at_its_last_checkpoint_with_fresh_attempts(
+    store: tuple[CruxStore, Clock],
+) -> None:
+    s, clock = store
+    s.create_flow("f", "demo", "{}")
+    lease = _claim(s, "f")
+    s.commit_checkpoint(lease, _cp(0, "a"), started_at=clock(), attempts=1, ttl=10)
+    s.take_task_or_send(lease, _task(1), 10)
+    with pytest.raises(FlowNotRetryable):
+        s.retry_flow("f")
+    s.complete_task("crux:f:1:1", result=None, error='{"type":"E"}')
+    lease = _claim(s, "f")
+    assert s.take_task_or_send(lease, _task(1), 10) == TaskError('{"type":"E"}')
+    assert s.fail_step(lease, 1, "child", 1, '{"type":"E","message":"1"}', None) == "failed"
+    with pytest.raises(FlowNotFound):
+        s.retry_flow("nope")
+    clock.now += timedelta(seconds=1)
+    assert s.retry_flow("f") == "demo"
+    row = s.get_flow("f")
+    assert (row.status, row.error, row.finished_at, row.retries) == ("pending", None, None, 1)
+    assert (row.wake_kind, row.wake_at) == ("run", clock())
+    again = s.claim("f", "w", 10)
+    assert isinstance(again, Claimed)
+    assert (again.next_seq, again.failed_attempts) == (1, 0)  # the failed step, attempt 1
+    # The failed child is superseded: attempt 1 sends a new one.
+    send = s.take_task_or_send(again.lease, _task(1), 10)
+    assert isinstance(send, TaskSend)
+    s.request_resume("f")  # a stray resume while the child runs: fail it on the replay
+    lease = _claim(s, "f")
+    assert s.fail_step(lease, 1, "child", 1, '{"type":"E","message":"2"}', None) == "failed"
+    # The failed attempts' history stays, numbered on.
+    assert [(e.seq, e.attempt) for e in s.get_flow("f").step_errors] == [(1, 1), (1, 2)]
+    assert [c.seq for c in s.load_checkpoints("f")] == [0]
+
+
+def test_a_fork_copies_the_first_checkpoints_and_is_due_with_its_origin(
+    store: tuple[CruxStore, Clock],
+) -> None:
+    s, clock = store
+    s.create_flow("src", "demo", '{"a":1}')
+    lease = _claim(s, "src")
+    s.commit_checkpoint(lease, _cp(0, "a", '"x"'), started_at=clock(), attempts=1, ttl=10)
+    s.record_signal("src", "go", '"yes"', None)
+    assert isinstance(
+        s.take_signal_or_suspend(lease, Suspension(1, "go", 0, None), accept, 10), Checkpoint
+    )
+    s.commit_checkpoint(lease, _cp(2, "b", '"y"'), started_at=clock(), attempts=1, ttl=10)
+    s.finish(lease, "completed", result="1")
+    with pytest.raises(InvalidInput):
+        s.fork_flow("src", "bad", 4, None)
+    with pytest.raises(FlowNotFound):
+        s.fork_flow("nope", "x", 0, None)
+    clock.now += timedelta(seconds=1)
+    fork = s.fork_flow("src", "fork", 2, '{"a":2}')
+    assert (fork.id, fork.name, fork.status, fork.input) == ("fork", "demo", "pending", '{"a":2}')
+    assert (fork.forked_from, fork.forked_at, fork.wake_kind, fork.wake_at) == (
+        "src",
+        2,
+        "run",
+        clock(),
+    )
+    with pytest.raises(FlowIdConflict):
+        s.fork_flow("src", "fork", 1, None)
+    copied = s.load_checkpoints("fork")
+    assert [(c.seq, c.kind, c.result) for c in copied] == [
+        (0, "step", '"x"'),
+        (1, "suspend", '"yes"'),
+    ]
+    assert s.get_flow("fork").signals == []  # the suspend's payload is its checkpoint
+    claimed = s.claim("fork", "w", 10)
+    assert isinstance(claimed, Claimed) and claimed.next_seq == 2
+    assert s.fork_flow("src", "fresh", 0, None).input == '{"a":1}'
+    assert s.load_checkpoints("fresh") == []
+    assert len(s.load_checkpoints("src")) == 3  # the source is untouched
+    assert s.get_flow("src", details=False).status == "completed"
+
+
+def test_waiting_groups_suspended_flows_by_what_they_wait_on(
+    store: tuple[CruxStore, Clock],
+) -> None:
+    s, clock = store
+    start = clock()
+    for i in range(3):
+        s.create_flow(f"sig{i}", "demo", "{}")
+        timeout = 60.0 if i == 1 else None
+        s.take_signal_or_suspend(_claim(s, f"sig{i}"), Suspension(0, "go", 0, timeout), accept, 10)
+        clock.now += timedelta(seconds=1)
+    s.create_flow("nap", "other", "{}")
+    s.suspend_until(_claim(s, "nap"), start + timedelta(hours=1), "sleep")
+    s.create_flow("kid", "demo", "{}")
+    s.take_task_or_send(_claim(s, "kid"), _task(0), 10)
+    s.create_flow("poll", "demo", "{}")
+    s.poll_later(_claim(s, "poll"), Suspension(0, "ready", 0, None), 30)
+    s.create_flow("back", "demo", "{}")
+    s.fail_step(_claim(s, "back"), 0, "x", 1, "{}", retry_in=5)
+    s.create_flow("woken", "demo", "{}")
+    s.take_signal_or_suspend(_claim(s, "woken"), Suspension(0, "go", 0, None), accept, 10)
+    s.record_signal("woken", "go", "1", None)  # due now: not waiting any more
+    s.create_flow("new", "demo", "{}")  # pending: not waiting
+    groups = {(w.name, w.kind, w.on): w for w in s.waiting()}
+    assert {k: w.count for k, w in groups.items()} == {
+        ("demo", "signal", "go"): 3,
+        ("other", "sleep", ""): 1,
+        ("demo", "task", "child"): 1,
+        ("demo", "poll", "ready"): 1,
+        ("demo", "retry", ""): 1,
+    }
+    go = groups[("demo", "signal", "go")]
+    assert go.oldest_since == start
+    assert go.nearest_deadline == start + timedelta(seconds=61)
+    assert go.next_wake == go.nearest_deadline
+    assert groups[("other", "sleep", "")].next_wake == start + timedelta(hours=1)
+    assert s.waiting()[0].count == 3  # most flows first
+    assert [(w.kind, w.on) for w in s.waiting("other")] == [("sleep", "")]
+
+
+def test_purge_takes_every_table_and_old_refusals(store: tuple[CruxStore, Clock]) -> None:
+    s, clock = store
+    s.record_rejected("bad_json", "old", "{")
+    s.create_flow("f", "demo", "{}")
+    lease = _claim(s, "f")
+    s.record_signal("f", "n", "1", None)
+    s.fail_step(lease, 0, "x", 1, "{}", retry_in=0)
+    lease = _claim(s, "f")
+    s.take_task_or_send(lease, _task(0), 10)
+    s.cancel("f", "stop")
+    clock.now += timedelta(seconds=10)
+    kept = s.record_rejected("bad_json", "new", "{")
+    assert s.purge_finished(clock()) == 1
+    assert [r.id for r in s.list_rejected()] == [kept]
+    if isinstance(s, SqlStore):
+        with s.engine.connect() as conn:
+            for table in ("crux_steps", "crux_signals", "crux_step_errors", "crux_tasks"):
+                assert conn.exec_driver_sql(f"SELECT count(*) FROM {table}").scalar() == 0
+    # A task id freed by the purge can be used again.
+    s.create_flow("f", "demo", "{}")
+    assert isinstance(s.take_task_or_send(_claim(s, "f"), _task(0), 10), TaskSend)
+
+
 # Every method of the store protocol, each called above with an assertion on its effect.
 # A new store method fails the test below until it gets its contract test here.
 EXERCISED = {
@@ -521,10 +706,13 @@ EXERCISED = {
     "get_flow",
     "take_task_or_send",
     "complete_task",
+    "retry_flow",
+    "fork_flow",
     "list_flows",
     "page_flows",
     "overview",
     "purge_finished",
+    "waiting",
     "record_rejected",
     "list_rejected",
     "close",

@@ -13,6 +13,7 @@ from crux_workers import (
     FlowNotFound,
     FlowNotWaiting,
     InvalidInput,
+    InvalidSignal,
     current_step,
 )
 from crux_workers._store._types import Lease, Suspension
@@ -182,19 +183,29 @@ def test_a_duplicate_key_is_recorded_once(h: Harness) -> None:
     assert run.outcome().result == [1, 2]  # type: ignore[union-attr]
 
 
-def test_an_invalid_payload_is_rejected_and_the_flow_keeps_waiting(h: Harness) -> None:
+def test_an_invalid_payload_is_rejected_when_buffered_and_refused_at_send_when_waited_for(
+    h: Harness,
+) -> None:
     flow = define_onboarding(h)
     run = flow.run(input={"item": "tea", "qty": 1})
-    h.drain()
-    h.app.signal_flow(run.flow_id, "approval", {"approved": "maybe-not-a-bool"})
+    # Sent before the flow waits for it: kept, and rejected when the suspend takes it.
+    early = h.app.signal_flow(run.flow_id, "approval", {"approved": "maybe-not-a-bool"})
+    assert not early.delivered
     h.drain()
     state = run.state()
     assert state.status == "suspended"
     assert state.signals[0].status == "rejected"
     assert "approved" in (state.signals[0].error or "")
-    h.app.signal_flow(run.flow_id, "approval", {"approved": True})
+    assert state.waiting_schema is not None and "approved" in state.waiting_schema["properties"]
+    # Sent while the flow waits with its schema: refused at once, nothing recorded.
+    with pytest.raises(InvalidSignal) as err:
+        h.app.signal_flow(run.flow_id, "approval", {"approved": "maybe-not-a-bool"})
+    assert [e["loc"] for e in err.value.errors] == [["approved"]]
+    assert len(run.state().signals) == 1
+    assert h.app.signal_flow(run.flow_id, "approval", {"approved": True}).delivered
     h.drain()
-    assert run.state().status == "completed"
+    done = run.state()
+    assert done.status == "completed" and done.waiting_schema is None
     assert h.calls == {"a": 1, "b": 1}
 
 
@@ -393,7 +404,13 @@ def test_a_rejected_signal_does_not_extend_the_deadline(h: Harness) -> None:
     h.drain()
     deadline = run.state().deadline
     h.clock.advance(1800)
-    h.app.signal_flow(run.flow_id, "go", {"approved": "?"})
+    # Refused at send; recorded without the check (as a signal buffered before the wait
+    # would be), it is rejected when the suspend takes it.
+    with pytest.raises(InvalidSignal):
+        h.app.signal_flow(run.flow_id, "go", {"approved": "?"})
+    h.app.store.record_signal(run.flow_id, "go", '{"approved": "?"}', None)
+    h.app.resume(run.flow_id)
     h.drain()
     assert run.state().status == "suspended"
+    assert run.state().signals[0].status == "rejected"
     assert run.state().deadline == deadline

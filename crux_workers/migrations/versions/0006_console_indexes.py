@@ -3,15 +3,15 @@
 Both indexes serve keyset pages ordered by (created_at, id) descending: without them,
 every page of a large record sorts all its matching rows.
 
-Revision ID: 0004
-Revises: 0003
+Revision ID: 0006
+Revises: 0005
 Create Date: 2026-12-02
 """
 
 from alembic import op
 
-revision = "0004"
-down_revision = "0003"
+revision = "0006"
+down_revision = "0005"
 branch_labels = None
 depends_on = None
 
