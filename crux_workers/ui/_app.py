@@ -27,12 +27,13 @@ from ..errors import (
     CruxError,
     FlowAlreadyFinished,
     FlowNotFound,
+    FlowNotRetryable,
     FlowNotWaiting,
     InvalidInput,
     StoreError,
 )
 from . import _security as sec
-from ._data import STATUSES, WAKE_WORDS, ConsoleData, ListQuery, Unavailable, flow_summary
+from ._data import STATUSES, WAKE_WORDS, ConsoleData, ListQuery, flow_summary
 from ._format import ago, countdown, json_text, preview, safe, safe_lines, span
 from ._forms import errors_by_field, fields_of, payload_of
 
@@ -60,14 +61,10 @@ def status_of(exc: Exception) -> int:
     """The HTTP status that fits an error of the record or of the request."""
     if isinstance(exc, FlowNotFound):
         return 404
-    if isinstance(exc, FlowNotWaiting | FlowAlreadyFinished) or type(exc).__name__ in (
-        "FlowNotRetryable",
-    ):
+    if isinstance(exc, FlowNotWaiting | FlowAlreadyFinished | FlowNotRetryable):
         return 409
     if isinstance(exc, InvalidInput):
         return 422
-    if isinstance(exc, Unavailable):
-        return 501
     if isinstance(exc, StoreError):
         return 503
     return 400
@@ -214,9 +211,6 @@ class Console:
             "csrf_field": sec.CSRF_FIELD,
             "read_only": self.read_only,
             "logged_in": self.token is not None and request.state.crux_auth == "cookie",
-            "has_waiting": self.data.has("waiting"),
-            "has_retry": self.data.has("retry_flow"),
-            "has_fork": self.data.has("fork_flow"),
             "metrics": self.metrics,
             "now": now,
             "ago": lambda t: ago(t, now),
@@ -343,6 +337,7 @@ class Console:
             "signal_error": None,
             "cancel_error": None,
             "fork_error": None,
+            "fork_values": {},
             "retry_error": None,
             "notice": _notice(request),
             "tasks": [s for s in state.steps if s.kind == "task"],
@@ -369,15 +364,11 @@ class Console:
     async def waiting_page(self, request: Request) -> Response:
         """Flows grouped by what they wait on."""
         name = request.query_params.get("name") or None
-        problem: str | None = None
-        try:
-            groups = await run_in_threadpool(self.data.waiting, name)
-        except Unavailable as exc:
-            groups, problem = [], str(exc)
+        groups = await run_in_threadpool(self.data.waiting, name)
         return self.render(
             request,
             "waiting.html",
-            {"title": "Waiting", "nav": "waiting", "groups": groups, "error": problem},
+            {"title": "Waiting", "nav": "waiting", "groups": groups, "name": name},
         )
 
     async def login_page(self, request: Request) -> Response:
@@ -462,7 +453,10 @@ class Console:
                 field_errors=by_field,
                 form_values=form,
             )
-        done = "signal-duplicate" if receipt.get("duplicate") else "signal"
+        if receipt.get("duplicate"):
+            done = "signal-duplicate"
+        else:
+            done = "signal" if receipt.get("delivered") else "signal-kept"
         return self._back(request, flow_id, done)
 
     async def cancel_form(self, request: Request) -> Response:
@@ -486,7 +480,7 @@ class Console:
         await self.form(request)
         try:
             await run_in_threadpool(self.data.retry, flow_id)
-        except (CruxError, Unavailable) as exc:
+        except CruxError as exc:
             return await self.flow_page(request, status=status_of(exc), retry_error=str(exc))
         return self._back(request, flow_id, "retried")
 
@@ -497,7 +491,9 @@ class Console:
         try:
             at = int(form.get("at", ""))
         except ValueError:
-            return await self.flow_page(request, status=422, fork_error="Choose a checkpoint.")
+            return await self.flow_page(
+                request, status=422, fork_error="Choose a checkpoint.", fork_values=form
+            )
         text = form.get("input", "").strip()
         new_input: Any = None
         if text:
@@ -505,12 +501,17 @@ class Console:
                 new_input = json.loads(text)
             except ValueError as exc:
                 return await self.flow_page(
-                    request, status=422, fork_error=f"The input is not valid JSON: {exc}"
+                    request,
+                    status=422,
+                    fork_error=f"The input is not valid JSON: {exc}",
+                    fork_values=form,
                 )
         try:
             new_id = await run_in_threadpool(self.data.fork, flow_id, at, new_input)
-        except (CruxError, Unavailable) as exc:
-            return await self.flow_page(request, status=status_of(exc), fork_error=str(exc))
+        except CruxError as exc:
+            return await self.flow_page(
+                request, status=status_of(exc), fork_error=str(exc), fork_values=form
+            )
         return self._back(request, new_id, "forked")
 
     async def bulk_page(self, request: Request) -> Response:
@@ -534,13 +535,7 @@ class Console:
                 outcome = await run_in_threadpool(self.data.cancel_many, ids, reason)
                 count = sum(1 for v in outcome.values() if not v.startswith("skipped"))
             else:
-                count = 0
-                for flow_id in ids:
-                    try:
-                        await run_in_threadpool(self.data.retry, flow_id)
-                        count += 1
-                    except CruxError:
-                        pass
+                count = await run_in_threadpool(self.data.retry_many, ids)
             back = {**query.params(), "done": f"bulk-{action}", "n": count}
             return RedirectResponse(
                 f"{self.root(request)}/flows?{urlencode(back)}", status_code=303
@@ -702,7 +697,8 @@ class Refused(Exception):
 
 
 _NOTICES = {
-    "signal": "Signal recorded.",
+    "signal": "Signal delivered: the flow resumes with it.",
+    "signal-kept": "Signal recorded: it is kept until the flow waits for a signal of that name.",
     "signal-duplicate": "That signal key was already recorded: nothing new was sent.",
     "cancelled": "Flow cancelled.",
     "cancelling": "Cancel requested: the flow stops at its next step boundary.",
@@ -737,7 +733,7 @@ def _api(fn: Handler) -> Handler:
             return await fn(request)
         except Refused as exc:
             return _problem(exc.status, str(exc))
-        except (CruxError, Unavailable) as exc:
+        except CruxError as exc:
             return api_error(exc)
 
     return handle
@@ -756,7 +752,7 @@ def _page(console: Console, fn: Handler) -> Handler:
                 {"title": "Refused", "nav": "", "message": str(exc)},
                 status=exc.status,
             )
-        except (CruxError, Unavailable) as exc:
+        except CruxError as exc:
             return console.render(
                 request,
                 "refused.html",

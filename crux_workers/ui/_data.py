@@ -7,8 +7,6 @@ looked up by name, so the console offers them exactly when the app has them.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -36,10 +34,6 @@ WAKE_WORDS = {
     "poll": "checks again",
     "task": "task resend",
 }
-
-
-class Unavailable(Exception):
-    """An operation this app's version of crux_workers does not have."""
 
 
 @dataclass(frozen=True)
@@ -166,10 +160,6 @@ def flow_summary(row: FlowRow) -> dict[str, Any]:
         "updated_at": _iso(row.updated_at),
         "finished_at": _iso(row.finished_at),
     }
-
-
-def _iso_default(value: Any) -> str:
-    return value.isoformat() if isinstance(value, datetime) else str(value)
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -310,40 +300,32 @@ class ConsoleData:
                 done[flow_id] = f"skipped: {type(exc).__name__}"
         return done
 
-    # -- operations of later versions (looked up by name) ------------------------------
-
-    def has(self, operation: str) -> bool:
-        """Whether the app offers ``operation`` (retry_flow, fork_flow, waiting)."""
-        return callable(getattr(self.crux, operation, None))
-
-    def _op(self, operation: str) -> Any:
-        fn = getattr(self.crux, operation, None)
-        if not callable(fn):
-            raise Unavailable(f"{operation} is not available in this version of crux_workers")
-        return fn
+    # -- operations: retry, fork, waiting --------------------------------------------
 
     def retry(self, flow_id: str) -> str:
         """Resume a failed flow from its last checkpoint; its new status."""
-        return str(self._op("retry_flow")(flow_id))
+        return self.crux.retry_flow(flow_id)
+
+    def retry_many(self, ids: list[str]) -> int:
+        """Retry each failed flow; how many were (one that changed meanwhile is skipped)."""
+        from ..errors import CruxError
+
+        done = 0
+        for flow_id in ids:
+            try:
+                self.crux.retry_flow(flow_id)
+                done += 1
+            except CruxError:
+                pass
+        return done
 
     def fork(self, flow_id: str, at: int, input: Any = None) -> str:
         """A new flow from the first ``at`` checkpoints of ``flow_id``; its id."""
-        run = self._op("fork_flow")(flow_id, at, input=input)
-        return str(getattr(run, "flow_id", run))
+        return self.crux.fork_flow(flow_id, at, input).flow_id
 
     def waiting(self, name: str | None = None) -> list[dict[str, Any]]:
-        """Flows grouped by what they wait on."""
-        groups = self._op("waiting")(name=name)
-        out = []
-        for g in groups:
-            if hasattr(g, "model_dump"):
-                item = g.model_dump(mode="json")
-            elif dataclasses.is_dataclass(g) and not isinstance(g, type):
-                item = dataclasses.asdict(g)
-            else:
-                item = dict(g)
-            out.append(json.loads(json.dumps(item, default=_iso_default)))
-        return out
+        """Suspended flows grouped by what they wait on, as JSON-able data."""
+        return [g.model_dump(mode="json") for g in self.crux.waiting(name=name)]
 
 
 def is_finished(status: str) -> bool:

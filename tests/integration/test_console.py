@@ -192,6 +192,16 @@ def test_an_operator_finds_a_suspended_flow_and_approves_it_through_the_signal_f
     assert all("suspended" in r.text and "approval" in r.text for r in rows)
     assert "deadline in" in rows[0].text  # the 1h timeout as a countdown
 
+    d.get(console.url + "/waiting")
+    row = until(
+        browser,
+        "the waiting group",
+        lambda d: d.find_element(By.CSS_SELECTOR, "table.waiting tbody tr"),
+    )
+    assert "approval" in row.text and "signal" in row.text and "3" in row.text
+    browser.shot("waiting")
+    d.back()
+
     target = waiting[0]
     d.find_element(By.LINK_TEXT, target).click()
     until(browser, "the flow page", lambda d: target in text_of(d, ".flow-head h1"))
@@ -240,7 +250,7 @@ def test_an_operator_finds_a_suspended_flow_and_approves_it_through_the_signal_f
         box.clear()
         box.send_keys('{"approved": true, "by": "dana (ops)"}')
     d.find_element(By.CSS_SELECTOR, "#signal-form button[type=submit]").click()
-    until(browser, "the notice", lambda d: "Signal recorded" in text_of(d, ".notice"))
+    until(browser, "the notice", lambda d: "Signal delivered" in text_of(d, ".notice"))
     until(
         browser,
         "the flow completing (live refresh)",
@@ -296,3 +306,44 @@ def test_an_operator_cancels_a_flow_with_a_reason(
     assert "Flow cancelled" in text_of(d, ".notice")
     assert fleet.statuses() == {flow_id: "cancelled", other: "suspended"}
     browser.shot("flow-cancelled")
+
+
+def test_an_operator_retries_a_failed_flow_after_the_fix_then_forks_it(
+    fleet: ConsoleFleet, console: Served, browser: Browser, tmp_path: Path
+) -> None:
+    fleet.worker()
+    flow_id = fleet.flows["payment"].run(input={"order": "R-1", "amount": 25}).flow_id
+    wait_status(fleet, flow_id, "failed")
+    d = browser.driver
+    d.get(f"{console.url}/flows/{flow_id}")
+    until(browser, "the error", lambda d: "payment gateway refused 25" in text_of(d, ".errorbox"))
+
+    (tmp_path / "fix-deployed").touch()  # the fix ships; the failed step can run again
+    d.find_element(By.CSS_SELECTOR, "#retry-form button[type=submit]").click()
+    until(browser, "the notice", lambda d: "Retry requested" in text_of(d, ".notice"))
+    until(
+        browser, "the retried flow completing", lambda d: "completed" in text_of(d, ".flow-head h1")
+    )
+    assert '"charged": 25' in text_of(d, ".okbox")
+    assert "retried 1" in text_of(d, ".facts")
+    steps = [r.text for r in d.find_elements(By.CSS_SELECTOR, "table.timeline tbody tr")]
+    assert len(steps) == 2 and "reserve" in steps[0] and "charge" in steps[1]
+    browser.shot("flow-retried")
+
+    # Fork after the first checkpoint (reserve is copied, not re-run) with a new amount.
+    Select(d.find_element(By.CSS_SELECTOR, "#fork-form select[name=at]")).select_by_value("1")
+    box = d.find_element(By.CSS_SELECTOR, "#fork-form textarea[name=input]")
+    box.clear()
+    box.send_keys('{"order": "R-1", "amount": 4}')
+    browser.shot("fork-form")
+    d.find_element(By.CSS_SELECTOR, "#fork-form button[type=submit]").click()
+    until(browser, "the fork's page", lambda d: "forked from" in text_of(d, ".notice").lower())
+    until(browser, "the fork completing", lambda d: "completed" in text_of(d, ".flow-head h1"))
+    fork = d.find_element(By.CSS_SELECTOR, ".flow-head .fid").text
+    assert fork != flow_id
+    assert f"forked from {flow_id} at checkpoint 1" in text_of(d, ".facts")
+    assert '"charged": 4' in text_of(d, ".okbox")
+    state = fleet.app.get_flow(fork)
+    assert state.forked_from is not None and state.forked_from.flow_id == flow_id
+    assert fleet.app.get_flow(flow_id).result == {"charged": 25}  # the original is untouched
+    browser.shot("flow-forked")

@@ -337,15 +337,109 @@ def test_bulk_cancel_by_filter_shows_the_count_before_it_acts(env: Env) -> None:
     assert env.app.get_flow(done).status == "completed"
 
 
-@pytest.mark.skipif(hasattr(Crux, "retry_flow"), reason="the operations layer is there")
-def test_operations_of_later_versions_answer_501_until_the_app_has_them(env: Env) -> None:
+def test_a_signal_is_checked_at_send_against_the_schema_the_flow_waits_with(env: Env) -> None:
     flow_id = env.suspended()
     c = env.client()
     headers = csrf(c)
-    assert c.post(f"/api/flows/{flow_id}/retry", json={}, headers=headers).status_code == 501
-    assert c.post(f"/api/flows/{flow_id}/fork", json={"at": 0}, headers=headers).status_code == 501
-    assert c.get("/api/waiting").status_code == 501
-    assert "not available" in c.get("/waiting").text
+    got = c.post(
+        f"/api/flows/{flow_id}/signal",
+        json={"name": "approval", "payload": {"approved": "maybe"}},
+        headers=headers,
+    )
+    assert got.status_code == 422
+    body = got.json()
+    assert body["error"] == "InvalidSignal"
+    assert {tuple(e["loc"]) for e in body["errors"]} == {("approved",), ("by",)}
+    assert env.app.get_flow(flow_id).signals == []  # nothing recorded
+    # The page's form: a field per property, the same errors next to their fields.
+    page = c.get(f"/flows/{flow_id}")
+    for field in ("field.approved", "field.by", "field.note"):
+        assert f'name="{field}"' in page.text
+    token = c.cookies[CSRF_COOKIE]
+    got = c.post(
+        f"/flows/{flow_id}/signal",
+        data={"csrf": token, "name": "approval", "field.by": "", "field.note": "n<b>"},
+    )
+    assert got.status_code == 422
+    assert 'data-field="by"' in got.text and "Field required" in got.text
+    assert 'value="n&lt;b&gt;"' in got.text  # what was typed stays, escaped
+    got = c.post(
+        f"/flows/{flow_id}/signal",
+        data={"csrf": token, "name": "approval", "field.approved": "on", "field.by": "ops"},
+        follow_redirects=False,
+    )
+    assert got.status_code == 303 and "done=signal" in got.headers["location"]
+    env.wait(flow_id, "completed")
+    assert env.app.get_flow(flow_id).result == {"order": "A-1", "approved": True}
+
+
+def test_retry_fork_and_waiting_through_the_api(
+    env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fix = tmp_path / "fixed"
+    monkeypatch.setenv("CRUXTEST_CONSOLE_FIX", str(fix))
+    failed = env.flows["payment"].run(input={"order": "P-1", "amount": 7}).flow_id
+    env.wait(failed, "failed")
+    waiting = env.suspended()
+    c = env.client()
+    headers = csrf(c)
+    groups = c.get("/api/waiting").json()["groups"]
+    assert [(g["name"], g["kind"], g["on"], g["count"]) for g in groups] == [
+        ("approval", "signal", "approval", 1)
+    ]
+    assert groups[0]["nearest_deadline"] is not None
+    assert "approval" in c.get("/waiting").text
+    got = c.post(f"/api/flows/{waiting}/retry", json={}, headers=headers)
+    assert (got.status_code, got.json()["error"]) == (409, "FlowNotRetryable")
+    assert c.post("/api/flows/nope/retry", json={}, headers=headers).status_code == 404
+    fix.touch()  # the fix is deployed
+    got = c.post(f"/api/flows/{failed}/retry", json={}, headers=headers)
+    assert got.json() == {"flow_id": failed, "status": "pending"}
+    env.wait(failed, "completed")
+    assert env.app.get_flow(failed).result == {"charged": 7}
+    got = c.post(
+        f"/api/flows/{failed}/fork", json={"at": 1, "input": {"amount": 1}}, headers=headers
+    )
+    assert (got.status_code, got.json()["error"]) == (422, "InvalidInput")  # order is required
+    got = c.post(f"/api/flows/{failed}/fork", json={"at": "1"}, headers=headers)
+    assert got.status_code == 422
+    got = c.post(
+        f"/api/flows/{failed}/fork",
+        json={"at": 1, "input": {"order": "P-1", "amount": 3}},
+        headers=headers,
+    )
+    assert got.status_code == 200
+    fork = got.json()["flow_id"]
+    assert fork != failed and got.json()["forked_from"] == failed
+    env.wait(fork, "completed")
+    state = c.get(f"/api/flows/{fork}").json()
+    assert state["forked_from"] == {"flow_id": failed, "at": 1}
+    assert state["result"] == {"charged": 3}
+    assert "forked from" in c.get(f"/flows/{fork}").text
+
+
+def test_bulk_retry_by_filter_retries_only_the_failed(
+    env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fix = tmp_path / "fixed"
+    monkeypatch.setenv("CRUXTEST_CONSOLE_FIX", str(fix))
+    failed = [env.flows["payment"].run(input={"order": f"P-{i}"}).flow_id for i in range(2)]
+    for flow_id in failed:
+        env.wait(flow_id, "failed")
+    waiting = env.suspended()
+    c = env.client()
+    page = c.get("/bulk", params={"action": "retry"})
+    assert '<b id="bulk-count">2</b>' in page.text
+    fix.touch()
+    got = c.post(
+        "/bulk",
+        data={"action": "retry", "confirm": "yes", "csrf": c.cookies[CSRF_COOKIE]},
+        follow_redirects=False,
+    )
+    assert "Retried 2 flow(s)" in c.get(got.headers["location"]).text
+    for flow_id in failed:
+        env.wait(flow_id, "completed")
+    assert env.app.get_flow(waiting).status == "suspended"
 
 
 def test_the_cli_refuses_to_serve_off_loopback_without_a_token() -> None:
