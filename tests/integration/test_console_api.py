@@ -6,6 +6,10 @@ run on local threads, which is all these tests need (the browser tests use a fle
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import time
 import warnings
 from collections.abc import Iterator
@@ -13,6 +17,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+import httpx
 import pytest
 from click.testing import CliRunner
 
@@ -21,6 +26,8 @@ from crux_workers.cli import main
 from crux_workers.ui import create_app
 from crux_workers.ui._security import CSRF_COOKIE, SESSION_COOKIE
 from tests.integration import console_flows
+from tests.servers import free_port
+from tests.workers import REPO
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -440,6 +447,43 @@ def test_bulk_retry_by_filter_retries_only_the_failed(
     for flow_id in failed:
         env.wait(flow_id, "completed")
     assert env.app.get_flow(waiting).status == "suspended"
+
+
+def test_the_cli_serves_the_console_on_the_embedded_default_without_running_flows(
+    tmp_path: Path,
+) -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CRUX")}
+    env.update(PYTHONPATH=str(REPO), CRUX_DATABASE_URL=f"sqlite:///{tmp_path}/ui.db")
+    seed = Crux(Settings(database_url=f"sqlite:///{tmp_path}/ui.db"), record_only=True)
+    handle = seed.flow("payment", input=console_flows.Order)(console_flows.payment)
+    flow_id = handle.run(input={"order": "cli"}).flow_id
+    seed.close()
+    cmd = [sys.executable, "-m", "crux_workers", "ui", "--port", str(port)]
+    cmd += ["--import", "tests.integration.console_flows"]
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                got = httpx.get(f"http://127.0.0.1:{port}/api/flows/{flow_id}", timeout=2)
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+                assert time.monotonic() < deadline, "crux-workers ui did not answer in 30s"
+                time.sleep(0.2)
+        assert got.status_code == 200
+        # Record-only: the console serves the record but never runs the pending flow.
+        time.sleep(1.5)
+        assert httpx.get(f"http://127.0.0.1:{port}/api/flows/{flow_id}").json()["status"] == (
+            "pending"
+        )
+        assert "payment" in httpx.get(f"http://127.0.0.1:{port}/flows").text
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=20)
 
 
 def test_the_cli_refuses_to_serve_off_loopback_without_a_token() -> None:
