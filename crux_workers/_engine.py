@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Literal, NoReturn
 
 from pydantic import BaseModel, ValidationError
@@ -30,6 +30,7 @@ from ._context_async import AsyncFlowContext
 from ._keeper import keeper
 from ._loop import flow_loop
 from ._models import ErrorInfo, Retry
+from ._observe import Claim, NoObserver, Observer
 from ._store._types import (
     Checkpoint,
     Claimed,
@@ -269,7 +270,7 @@ class Execution:
             self.lease, cp, started_at=started_at, attempts=attempts, ttl=self.engine.lease_ttl
         )
         self._trust_lease(started)
-        self._committed(cp)
+        self._committed(cp, (datetime.now(UTC) - started_at).total_seconds())
         if cancelled:
             log.info("flow %s: cancelled after %r", self.lease.flow_id, cp.name)
             raise FlowStopped("cancelled")
@@ -292,6 +293,11 @@ class Execution:
         got = self.engine.store.fail_step(
             self.lease, seq, name, attempt, error_json(exc), retry_in=delay
         )
+        # -- observe (crux_workers._observe) --
+        self.engine.observer.step_failed(
+            self.claimed.name, self.lease.flow_id, name, attempt, exc.error_type, got == "suspended"
+        )
+        # --
         if got == "suspended":
             log.info(
                 "flow %s: step %r attempt %d failed (%s); retry in %.2fs",
@@ -347,12 +353,16 @@ class Execution:
         self._committed(got)
         return got
 
-    def _committed(self, cp: Checkpoint) -> None:
+    def _committed(self, cp: Checkpoint, seconds: float | None = None) -> None:
         """A checkpoint this execution committed: part of the history, cached at suspend."""
         self.uncached.append(cp)
         self.history.append(cp)
         self.steps_run += 1
         log.info("flow %s: %s %r committed (#%d)", self.lease.flow_id, cp.kind, cp.name, cp.seq)
+        # -- observe (crux_workers._observe): seconds is how long a step's function ran --
+        self.engine.observer.step_committed(
+            self.claimed.name, self.lease.flow_id, cp.name, cp.kind, seconds
+        )
 
 
 def _no_children(task_id: str, call: str, child: Any) -> None:
@@ -373,7 +383,9 @@ class Engine:
         task_resend_after: float = 300.0,
         max_value_bytes: int = 1024 * 1024,
         cancel_check_every: float = 1.0,
+        observer: Observer | None = None,
     ) -> None:
+        self.observer: Observer = observer or NoObserver()
         self.store = store
         self.cancel_check_every = cancel_check_every
         self.max_value_bytes = max_value_bytes
@@ -408,6 +420,18 @@ class Engine:
                 log.warning("flow %s: no such flow; message dropped", flow_id)
             return Advance("noop")
         lease = claimed.lease
+        # -- observe (crux_workers._observe) --
+        woke = claimed.woke_at
+        self.observer.execution_claimed(
+            Claim(
+                claimed.name,
+                flow_id,
+                claimed.runs > 1,
+                claimed.woke_by,
+                None if woke is None else max(0.0, (self.store.now() - woke).total_seconds()),
+            )
+        )
+        # --
         try:
             defn = self.lookup(claimed.name)
         except UnknownFlow:
@@ -450,6 +474,9 @@ class Engine:
             log.info("flow %s: completed", flow_id)
             return Advance("completed", steps_run=execution.steps_run)
         except Suspended as suspended:
+            self.observer.suspended(  # -- observe (crux_workers._observe) --
+                claimed.name, flow_id, suspended.point, suspended.wake_in
+            )
             if execution.uncached:
                 self.cache.fill(flow_id, execution.uncached)
             return Advance("suspended", steps_run=execution.steps_run, wake_in=suspended.wake_in)

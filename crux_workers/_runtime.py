@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import random
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,7 @@ from ._client import Client, Services, enqueue_quietly
 from ._engine import Advance, Engine, error_json
 from ._ids import valid_id
 from ._models import ErrorInfo
+from ._observe import Observers
 from ._registry import FlowRegistry
 from .errors import NonRetryableError, StoreError, TaskFailed, UnknownFlow, ValueTooLarge
 
@@ -45,6 +47,8 @@ class Runtime:
         self._client = client
         self._engine: Engine | None = None
         self._lock = threading.Lock()
+        # Metrics, traces and Celery events subscribe here (crux_workers.ops).
+        self.observers = Observers()
 
     @property
     def services(self) -> Services:
@@ -69,6 +73,7 @@ class Runtime:
                         ),
                         task_resend_after=s.task_resend_after,
                         max_value_bytes=s.max_value_bytes,
+                        observer=self.observers,
                     )
         return self._engine
 
@@ -80,6 +85,17 @@ class Runtime:
             # Nothing can be recorded about it; retrying would loop forever.
             log.error("dropping a malformed flow message: flow_id=%.300r", flow_id)
             return None
+        # -- observe (crux_workers._observe): every execution's outcome and duration --
+        started = time.monotonic()
+        outcome: Advance | None = None
+        try:
+            outcome = self._execute(flow_name, flow_id)
+            return outcome
+        finally:
+            kind = "error" if outcome is None else outcome.kind
+            self.observers.execution_finished(flow_name, flow_id, kind, time.monotonic() - started)
+
+    def _execute(self, flow_name: str, flow_id: str) -> Advance | None:
         try:
             outcome = self.engine.advance(flow_id)
         except StoreError as exc:
@@ -102,8 +118,11 @@ class Runtime:
         s = self._s.settings
         return min(s.countdown_limit, s.visibility_timeout / 4)
 
-    def sweep(self) -> SweepReport:
+    def sweep(self, scheduled_at: float | None = None) -> SweepReport:
         """One sweep: expire overdue flows, re-publish due and stalled ones.
+
+        ``scheduled_at`` (epoch seconds): when beat sent this sweep, for the sweep's lag
+        (without it, the start of the current tick).
 
         Runs from beat every ``sweep_interval``; a second beat's sweep of the same tick
         is skipped, and every action is conditional in the record, so overlapping
@@ -112,7 +131,11 @@ class Runtime:
         s = self._s.settings
         store = self._s.store
         tick = int(store.now().timestamp() // s.sweep_interval)
+        # -- observe (crux_workers._observe): how late this tick's sweep started --
+        since = tick * s.sweep_interval if scheduled_at is None else scheduled_at
+        lag = max(0.0, store.now().timestamp() - since)
         if not store.claim_tick(tick):
+            self.observers.sweep_done(lag, 0, 0, True)
             return SweepReport(tick=tick, skipped=True)
         expired: list[str] = []
         published = 0
@@ -128,6 +151,7 @@ class Runtime:
                 break
         if expired or published:
             log.info("sweep %d: expired %d, published %d", tick, len(expired), published)
+        self.observers.sweep_done(lag, len(expired), published, False)
         return SweepReport(tick=tick, expired=len(expired), published=published)
 
     # -- child tasks (run_task) ---------------------------------------------------------

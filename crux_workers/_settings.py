@@ -109,6 +109,10 @@ class Settings(BaseSettings):
     retention_interval: Seconds = Field(
         default=3600.0, description="how often beat runs the retention purge"
     )
+    metrics_port: int | None = Field(
+        default=None, ge=1, le=65535, description="a worker serves its counters here (/metrics)"
+    )
+    metrics_host: str = Field(default="127.0.0.1", description="address of the worker's metrics")
     embedded_threads: int = Field(default=4, ge=1, le=64, description="embedded executor threads")
     auto_migrate: bool = Field(default=True, description="bring the schema to head on first use")
     # -- remote control and health (docs/security.md) ------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from celery import Celery, bootsteps
@@ -210,15 +211,18 @@ def make_celery(s: Settings, runtime: Runtime, registry: FlowRegistry) -> Celery
         }
     }
 
-    @app.task(name=SWEEP_TASK, acks_late=False, shared=False)  # type: ignore[untyped-decorator]
-    def sweep() -> dict[str, Any]:
-        report = runtime.sweep()
+    @app.task(name=SWEEP_TASK, acks_late=False, shared=False, bind=True)  # type: ignore[untyped-decorator]
+    def sweep(task: Any) -> dict[str, Any]:
+        report = runtime.sweep(scheduled_at=_sent_at(task.request.expires, s.sweep_interval))
         return {"tick": report.tick, "expired": report.expired, "published": report.published}
 
     # -- retention (issue 14, operations): CRUX_RETENTION purges from beat ----------------
     _add_retention(app, s, runtime)
 
     _register_child_callbacks(app, runtime)
+    from .ops._worker import instrument_celery  # metrics, spans, events (docs/observability.md)
+
+    instrument_celery(app, runtime, s)
     for defn in registry.all():
         register_flow_task(app, runtime, defn)
     return app
@@ -243,6 +247,17 @@ def _add_retention(app: Celery, s: Settings, runtime: Runtime) -> None:
             log.warning("retention: beat asked for a purge but CRUX_RETENTION is unset here")
             return {}
         return {"tick": report.tick, "skipped": report.skipped, "purged": report.purged}
+
+
+def _sent_at(expires: Any, interval: float) -> float | None:
+    """When beat sent a sweep: its message expires one interval after (for the lag metric)."""
+    if not expires:
+        return None
+    try:
+        when = expires if isinstance(expires, datetime) else datetime.fromisoformat(str(expires))
+    except ValueError:
+        return None
+    return when.timestamp() - interval
 
 
 def _register_child_callbacks(app: Celery, runtime: Runtime) -> None:
@@ -298,8 +313,13 @@ def register_flow_task(app: Celery, runtime: Runtime, defn: FlowDef) -> Any:
     if name in app.tasks:
         return app.tasks[name]
 
-    def advance_flow(flow_id: Any) -> None:
-        runtime.execute(defn.name, flow_id)
+    def advance_flow(flow_id: Any) -> dict[str, Any] | None:
+        outcome = runtime.execute(defn.name, flow_id)
+        # What this execution did, as the task's result: Celery's task-succeeded event
+        # carries it, so Flower and `celery events` show it (no result backend stores it).
+        if outcome is None:
+            return None
+        return {"flow_id": flow_id, "outcome": outcome.kind, "steps_run": outcome.steps_run}
 
     # Celery compiles a signature from __name__: flow names like "first-week" are not
     # identifiers. Arguments are checked by runtime.execute, not by Celery (typing=False).

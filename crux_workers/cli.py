@@ -21,6 +21,7 @@ from ._cli_ops import retry  # noqa: F401  (registers flows retry, fork, waiting
 from ._cli_ui import ui
 from ._settings import Settings, redact
 from .errors import CruxError
+from .ops._cli import commands as ops_commands
 
 
 def _import_all(modules: tuple[str, ...]) -> None:
@@ -243,3 +244,7 @@ def demo() -> None:
     from ._demo import run_demo
 
     sys.exit(run_demo())
+
+
+for _command in ops_commands:  # metrics, due (crux_workers/ops/_cli.py)
+    main.add_command(_command)

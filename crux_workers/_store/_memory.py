@@ -42,6 +42,7 @@ from ._types import (
     FlowPage,
     FlowRow,
     Lease,
+    MetricsSnapshot,
     NotClaimed,
     RecordOverview,
     RejectedRow,
@@ -70,6 +71,7 @@ class MemoryStore:
         self._admin = MemoryAdmin(state)
         self._signal_ids = 0
         self._ticks: set[int] = set()
+        self._last_sweep: datetime | None = None
 
     @property
     def commits(self) -> int:
@@ -103,6 +105,7 @@ class MemoryStore:
                     assert flow.lease_until is not None
                     return NotClaimed("busy", (flow.lease_until - now).total_seconds())
                 return NotClaimed("idle")
+            woke_at, woke_by = flow.wake_at, flow.wake_kind
             flow.status = FlowStatus.RUNNING
             flow.lease_owner, flow.lease_until = owner, now + timedelta(seconds=ttl)
             flow.epoch += 1
@@ -116,6 +119,9 @@ class MemoryStore:
                 flow.next_seq,
                 failed_attempts=flow.retry_attempt,
                 cancel_requested=flow.cancel_reason is not None,
+                woke_at=woke_at,
+                woke_by=None if woke_by is None else str(woke_by),
+                runs=flow.runs,
             )
 
     def renew(self, lease: Lease, ttl: float) -> bool:
@@ -236,6 +242,7 @@ class MemoryStore:
             if tick in self._ticks:
                 return False
             self._ticks.add(tick)
+            self._last_sweep = self._now()
             return True
 
     def sweep(self, *, limit: int, redrive_after: float) -> SweepResult:
@@ -482,6 +489,10 @@ class MemoryStore:
     def list_rejected(self, limit: int = 100) -> list[RejectedRow]:
         """The most recently refused ingress messages, newest first."""
         return self._admin.list_rejected(limit)
+
+    def metrics_snapshot(self) -> MetricsSnapshot:
+        """Counts for the metrics gauges (see ``MetricsSnapshot``)."""
+        return self._admin.metrics_snapshot(self._last_sweep)
 
     def close(self) -> None:
         """Nothing to release."""

@@ -7,11 +7,13 @@ from datetime import datetime
 from .._json import safe_text
 from . import _lifecycle as life
 from ._memory_state import MemoryFlow, MemoryState, flow_row
+from ._metrics import ActiveGroup, reduce
 from ._text import clip
 from ._types import (
     FlowFilter,
     FlowPage,
     FlowRow,
+    MetricsSnapshot,
     RecordOverview,
     RejectedRow,
     WaitRow,
@@ -140,3 +142,28 @@ class MemoryAdmin:
         """The most recently refused ingress messages, newest first."""
         with self._s.lock:
             return list(reversed(self._s.rejected))[:limit]
+
+    def metrics_snapshot(self, last_sweep: datetime | None) -> MetricsSnapshot:
+        """Counts for the metrics gauges, grouped as the SQL store groups them."""
+        with self._s.lock:
+            now = self._s.now()
+            active: dict[tuple[str, str, str | None, str | None, bool], list[datetime]] = {}
+            finished: dict[tuple[str, str], int] = {}
+            for f in self._s.flows.values():
+                status = str(f.status)
+                if life.is_terminal(status):
+                    finished[(f.name, status)] = finished.get((f.name, status), 0) + 1
+                    continue
+                due = life.claimable(
+                    status, f.wake_kind, f.wake_at, f.lease_owner, f.lease_until, now
+                )
+                wake = None if f.wake_kind is None else str(f.wake_kind)
+                since = f.wake_at or f.lease_until or f.updated_at
+                active.setdefault((f.name, status, wake, f.waiting_on, due), []).append(since)
+            reasons = [(r.reason, 1) for r in self._s.rejected]
+        groups = [
+            ActiveGroup(*key, count=len(times), due_since=min(times) if key[4] else None)
+            for key, times in active.items()
+        ]
+        done = [(name, status, n) for (name, status), n in finished.items()]
+        return reduce(now, groups, done, reasons, last_sweep)

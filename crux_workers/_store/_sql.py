@@ -37,6 +37,7 @@ from ._types import (
     FlowPage,
     FlowRow,
     Lease,
+    MetricsSnapshot,
     NotClaimed,
     RecordOverview,
     RejectedRow,
@@ -243,6 +244,10 @@ class SqlStore:
     def list_rejected(self, limit: int = 100) -> list[RejectedRow]:
         """The most recently refused ingress messages, newest first."""
         return self._admin.list_rejected(limit)
+
+    def metrics_snapshot(self) -> MetricsSnapshot:
+        """Counts for the metrics gauges, read in one query."""
+        return self._admin.metrics_snapshot()
 
 
 def _conforms(store: SqlStore) -> CruxStore:

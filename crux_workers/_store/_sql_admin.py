@@ -8,11 +8,24 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import and_, delete, func, insert, or_, select
+from sqlalchemy import (
+    and_,
+    case,
+    delete,
+    func,
+    insert,
+    literal_column,
+    null,
+    or_,
+    select,
+    union_all,
+)
 
 from .._json import safe_text
+from . import _sql_rules as rules
 from ._clock import aware
 from ._lifecycle import ACTIVE, TERMINAL, FlowStatus, WakeKind, wait_kind
+from ._metrics import ActiveGroup, reduce
 from ._schema import flows, rejected_signals, signals, step_errors, steps, sweeps, tasks
 from ._sql_db import SqlDb
 from ._text import clip
@@ -20,6 +33,7 @@ from ._types import (
     FlowFilter,
     FlowPage,
     FlowRow,
+    MetricsSnapshot,
     RecordOverview,
     RejectedRow,
     WaitRow,
@@ -208,3 +222,77 @@ class SqlAdmin:
             )
             for x in rows
         ]
+
+    def metrics_snapshot(self) -> MetricsSnapshot:
+        """Counts for the metrics gauges, read in one query (see ``MetricsSnapshot``).
+
+        One statement, four parts: active flows grouped by what the gauges need (the
+        status index narrows them to the few that are not finished), finished flows
+        counted by (name, status) (an index-only scan of ix_crux_flows_name_status),
+        refused messages by reason, and the last sweep tick.
+        """
+        now = self._db.now()
+        c = flows.c
+        row = (
+            select(
+                c.name,
+                c.status,
+                c.wake_kind,
+                c.waiting_on,
+                # ``_lifecycle.claimable``: runnable now, nobody holds a live lease.
+                case((and_(rules.has_work(now), rules.lease_free(now)), 1), else_=0).label("due"),
+                func.coalesce(c.wake_at, c.lease_until, c.updated_at).label("since"),
+            )
+            .where(c.status.in_(ACTIVE))
+            .subquery()
+        )
+        part = literal_column
+        active = select(
+            part("'active'").label("part"),
+            row.c.name,
+            row.c.status,
+            row.c.wake_kind,
+            row.c.waiting_on,
+            row.c.due,
+            func.count().label("n"),
+            func.min(case((row.c.due == 1, row.c.since), else_=null())).label("since"),
+        ).group_by(row.c.name, row.c.status, row.c.wake_kind, row.c.waiting_on, row.c.due)
+        nothing = null()
+        finished = (
+            select(part("'finished'"), c.name, c.status, nothing, nothing, part("0"))
+            .add_columns(func.count(), nothing)
+            .where(c.status.in_(TERMINAL))
+            .group_by(c.name, c.status)
+        )
+        r = rejected_signals.c
+        refused = (
+            select(part("'refused'"), r.reason, nothing, nothing, nothing, part("0"))
+            .add_columns(func.count(), nothing)
+            .group_by(r.reason)
+        )
+        # The newest tick by its primary key, not a scan of the kept ticks.
+        last = select(sweeps.c.swept_at).order_by(sweeps.c.tick.desc()).limit(1)
+        swept = select(part("'swept'"), nothing, nothing, nothing, nothing, part("0")).add_columns(
+            part("0"), last.scalar_subquery()
+        )
+        with self._db.tx() as conn:
+            rows = conn.execute(union_all(active, finished, refused, swept)).all()
+        groups: list[ActiveGroup] = []
+        done: list[tuple[str, str, int]] = []
+        reasons: list[tuple[str, int]] = []
+        last_sweep = None
+        for x in rows:
+            since = aware(x.since)
+            if x.part == "active":
+                groups.append(
+                    ActiveGroup(
+                        x.name, x.status, x.wake_kind, x.waiting_on, bool(x.due), int(x.n), since
+                    )
+                )
+            elif x.part == "finished":
+                done.append((x.name, x.status, int(x.n)))
+            elif x.part == "refused":
+                reasons.append((x.name, int(x.n)))
+            else:
+                last_sweep = since
+        return reduce(now, groups, done, reasons, last_sweep)

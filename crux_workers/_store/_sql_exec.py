@@ -7,9 +7,9 @@ path exists); ``PgExecutor`` in ``_sql_pg.py`` replaces the step commit on Postg
 from __future__ import annotations
 
 from datetime import datetime, timedelta
-from typing import Literal
+from typing import Any, Literal
 
-from sqlalchemy import func, select, update
+from sqlalchemy import Connection, Update, func, select, update
 
 from .._json import safe_text
 from . import _lifecycle as life
@@ -58,10 +58,12 @@ class SqlExecutor:
                 wake_kind=None,
                 updated_at=now,
             )
-            .returning(c.epoch, c.name, c.input, c.next_seq, c.retry_attempt, c.cancel_reason)
+            .returning(
+                c.epoch, c.name, c.input, c.next_seq, c.retry_attempt, c.cancel_reason, c.runs
+            )
         )
         with self._db.one() as conn:
-            got = conn.execute(stmt).first()
+            got, woke_at, woke_by = self._claim_and_wake(conn, stmt, flow_id)
             if got is None:
                 row = conn.execute(
                     select(c.status, c.lease_owner, c.lease_until).where(c.id == flow_id)
@@ -74,6 +76,9 @@ class SqlExecutor:
                 next_seq=int(got.next_seq),
                 failed_attempts=int(got.retry_attempt),
                 cancel_requested=got.cancel_reason is not None,
+                woke_at=aware(woke_at),
+                woke_by=woke_by,
+                runs=int(got.runs),
             )
         if row is None:
             return NotClaimed("missing")
@@ -84,6 +89,18 @@ class SqlExecutor:
             assert until is not None
             return NotClaimed("busy", retry_after=(until - now).total_seconds())
         return NotClaimed("idle")
+
+    def _claim_and_wake(
+        self, conn: Connection, claim: Update, flow_id: str
+    ) -> tuple[Any, Any, Any]:
+        """Run the claim; with the wake it cleared (the metrics' resume latency).
+
+        SQLite: read first, in the same serialised transaction.
+        """
+        was = conn.execute(select(flows.c.wake_at, flows.c.wake_kind).where(flows.c.id == flow_id))
+        before = was.first()
+        got = conn.execute(claim).first()
+        return got, before.wake_at if before else None, before.wake_kind if before else None
 
     def renew(self, lease: Lease, ttl: float) -> bool:
         """Extend the lease; False when it was lost."""

@@ -13,12 +13,13 @@ from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Select
+from sqlalchemy import Connection, Engine, Select, Update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from ..errors import FlowNotFound
 from . import _sql_rules as rules
 from ._lifecycle import FlowStatus
+from ._schema import flows
 from ._sql_client import SqlClient, not_waiting
 from ._sql_db import SqlDb, lease_lost
 from ._sql_exec import SqlExecutor
@@ -53,6 +54,18 @@ class PgDb(SqlDb):
 
 class PgExecutor(SqlExecutor):
     """The executor's writes on Postgres: the step commit in one statement."""
+
+    def _claim_and_wake(
+        self, conn: Connection, claim: Update, flow_id: str
+    ) -> tuple[Any, Any, Any]:
+        """The claim in one statement; a self-join returns the row as it was before it."""
+        was = flows.alias("was")
+        got = conn.execute(
+            claim.where(was.c.id == flows.c.id).returning(
+                was.c.wake_at.label("woke_at"), was.c.wake_kind.label("woke_by")
+            )
+        ).first()
+        return got, got.woke_at if got else None, got.woke_by if got else None
 
     def commit_checkpoint(
         self, lease: Lease, cp: Checkpoint, *, started_at: datetime, attempts: int, ttl: float

@@ -38,6 +38,11 @@ class Claimed:
     next_seq: int
     failed_attempts: int = 0
     cancel_requested: bool = False
+    # The flow's wake_at and wake_kind the claim cleared: when and why it became due
+    # (for the resume latency metric); None when nothing had set one.
+    woke_at: datetime | None = None
+    woke_by: str | None = None
+    runs: int = 0  # claims of this flow so far, this one included
 
 
 SuspendOutcome = Literal["suspended", "expired", "cancelled"]
@@ -292,6 +297,27 @@ def _least(a: datetime | None, b: datetime | None) -> datetime | None:
 # the payload, in which case nothing is recorded.
 SchemaCheck = Callable[[str], None]
 
+
+@dataclass(frozen=True, slots=True)
+class MetricsSnapshot:
+    """What the metrics read from the record in one query (``AdminStore.metrics_snapshot``).
+
+    ``flows``: (flow name, status) -> count. ``waits``: (kind, on) -> suspended flows not
+    yet due, kind one of signal, sleep, poll, task, retry and ``on`` the signal, poll or
+    task name ("" for sleeps and retries). ``due``: flow name -> flows that could be
+    claimed now (the runnable backlog); ``oldest_due_at``: since when the longest-waiting
+    of them has been due. ``refused``: refused ingress messages kept, by reason.
+    """
+
+    taken_at: datetime
+    flows: dict[tuple[str, str], int] = field(default_factory=dict)
+    waits: dict[tuple[str, str], int] = field(default_factory=dict)
+    due: dict[str, int] = field(default_factory=dict)
+    oldest_due_at: datetime | None = None
+    refused: dict[str, int] = field(default_factory=dict)
+    last_sweep_at: datetime | None = None
+
+
 # Turns a signal payload (JSON text) into the JSON text to checkpoint, or raises
 # ValueError with the reason the payload is rejected.
 Validator = Callable[[str], str]
@@ -505,6 +531,10 @@ class AdminStore(Protocol):
 
     def list_rejected(self, limit: int = 100) -> list[RejectedRow]:
         """The most recently refused ingress messages, newest first."""
+        ...
+
+    def metrics_snapshot(self) -> MetricsSnapshot:
+        """Counts for the metrics gauges, read in one query (see ``MetricsSnapshot``)."""
         ...
 
 

@@ -492,6 +492,63 @@ def test_refused_messages_are_kept_newest_first_and_bounded(
     assert [r.id for r in s.list_rejected(limit=1)] == [second]
 
 
+def test_metrics_snapshot_counts_flows_waits_and_the_due_backlog(
+    store: tuple[CruxStore, Clock],
+) -> None:
+    s, clock = store
+    empty = s.metrics_snapshot()
+    assert (empty.flows, empty.waits, empty.due, empty.refused) == ({}, {}, {}, {})
+    assert empty.oldest_due_at is None and empty.last_sweep_at is None
+    first = clock()
+    s.create_flow("p1", "a", "{}")
+    clock.now += timedelta(seconds=5)
+    s.create_flow("p2", "a", "{}")
+    for flow_id in ("sig", "sl", "rt", "pl", "tk", "run"):
+        s.create_flow(flow_id, "b", "{}")
+    lease = _claim(s, "sig")
+    assert s.take_signal_or_suspend(lease, Suspension(0, "approve", 0, 3600), accept, 10)
+    s.suspend_until(_claim(s, "sl"), clock() + timedelta(hours=1), "sleep")
+    s.fail_step(_claim(s, "rt"), 0, "x", 1, "{}", retry_in=60)
+    s.poll_later(_claim(s, "pl"), Suspension(0, "ready", 0, None), 30)
+    assert isinstance(s.take_task_or_send(_claim(s, "tk"), _task(0), 10), TaskSend)
+    _claim(s, "run")
+    s.create_flow("done", "a", "{}")
+    s.finish(_claim(s, "done"), "completed", result="1")
+    s.record_rejected("bad_json", "not JSON", "{")
+    assert s.claim_tick(7)
+    snap = s.metrics_snapshot()
+    assert snap.taken_at == clock()
+    assert snap.flows == {
+        ("a", "pending"): 2,
+        ("a", "completed"): 1,
+        ("b", "suspended"): 5,
+        ("b", "running"): 1,
+    }
+    assert snap.waits == {
+        ("signal", "approve"): 1,
+        ("sleep", ""): 1,
+        ("retry", ""): 1,
+        ("poll", "ready"): 1,
+        ("task", "child"): 1,
+    }
+    assert snap.due == {"a": 2} and snap.oldest_due_at == first
+    assert snap.refused == {"bad_json": 1} and snap.last_sweep_at == clock()
+    # The retry, the poll and the child's resend come due; the running flow's lease
+    # runs out (stalled): runnable too. The signal wait and the sleep are not.
+    clock.now += timedelta(seconds=61)
+    later = s.metrics_snapshot()
+    assert later.due == {"a": 2, "b": 4}
+    assert later.waits == {("signal", "approve"): 1, ("sleep", ""): 1}
+    # A claim says which wake it consumed, and since when (the resume latency).
+    claimed = s.claim("rt", "w", 10)
+    assert isinstance(claimed, Claimed)
+    assert (claimed.woke_at, claimed.woke_by) == (clock() - timedelta(seconds=1), "retry")
+    assert claimed.runs == 2
+    started = s.claim("p1", "w", 10)
+    assert isinstance(started, Claimed)
+    assert (started.woke_at, started.woke_by, started.runs) == (first, "run", 1)
+
+
 def test_close_releases_connections_and_the_record_stays(store: tuple[CruxStore, Clock]) -> None:
     s, clock = store
     s.create_flow("f", "demo", "{}")
@@ -715,6 +772,7 @@ EXERCISED = {
     "waiting",
     "record_rejected",
     "list_rejected",
+    "metrics_snapshot",
     "close",
 }
 
