@@ -23,6 +23,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from .._app import Crux
 from ..errors import (
     CruxError,
     FlowAlreadyFinished,
@@ -160,12 +161,10 @@ class Console:
         *,
         token: str | None,
         read_only: bool,
-        metrics: bool,
     ) -> None:
         self.data = data
         self.token = token
         self.read_only = read_only
-        self.metrics = metrics
         env = jinja2.Environment(
             loader=jinja2.FileSystemLoader(_HERE / "templates"),
             autoescape=True,
@@ -211,7 +210,6 @@ class Console:
             "csrf_field": sec.CSRF_FIELD,
             "read_only": self.read_only,
             "logged_in": self.token is not None and request.state.crux_auth == "cookie",
-            "metrics": self.metrics,
             "now": now,
             "ago": lambda t: ago(t, now),
             "countdown": lambda t: countdown(t, now),
@@ -763,17 +761,19 @@ def _page(console: Console, fn: Handler) -> Handler:
     return handle
 
 
-def _metrics_app(crux: Any) -> ASGIApp | None:
-    try:
-        from .. import ops  # type: ignore[attr-defined, unused-ignore]
-    except ImportError:
-        return None
-    make = getattr(ops, "metrics_asgi_app", None)
-    return make(crux) if callable(make) else None
+class _AsgiEndpoint:
+    """An ASGI app as a route's endpoint (Starlette calls a plain function with a request)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Pass the request on."""
+        await self.app(scope, receive, send)
 
 
 def create_app(
-    crux_app: Any,
+    crux_app: Crux,
     *,
     token: str | None = None,
     read_only: bool = False,
@@ -787,9 +787,10 @@ def create_app(
     ``hosts``: the Host names it answers to (``crux-workers ui`` pins loopback when
     it runs without a token); None accepts any.
     """
+    from ..ops.metrics import metrics_asgi_app
+
     data = ConsoleData(crux_app)
-    metrics_app = _metrics_app(crux_app)
-    c = Console(data, token=token, read_only=read_only, metrics=metrics_app is not None)
+    c = Console(data, token=token, read_only=read_only)
 
     def page(fn: Handler) -> Handler:
         return _page(c, fn)
@@ -819,10 +820,9 @@ def create_app(
         Route("/api/rejected", _api(c.api_rejected)),
         Route("/api/fleet", _api(c.api_fleet)),
         Route("/api/purge", _api(c.api_purge), methods=["POST"]),
+        Route("/metrics", _AsgiEndpoint(metrics_asgi_app(crux_app))),
         Mount("/static", StaticFiles(directory=_HERE / "static"), name="static"),
     ]
-    if metrics_app is not None:
-        routes.append(Route("/metrics", metrics_app))
     app = Starlette(routes=routes)
     app.add_middleware(Guard, token=token, hosts=hosts)
     return app

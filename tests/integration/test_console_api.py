@@ -486,6 +486,17 @@ def test_the_cli_serves_the_console_on_the_embedded_default_without_running_flow
         proc.wait(timeout=20)
 
 
+def test_metrics_are_served_behind_the_same_guard(env: Env) -> None:
+    env.suspended()
+    got = env.client().get("/metrics")
+    assert got.status_code == 200
+    assert "crux_flows" in got.text and 'status="suspended"' in got.text
+    guarded = env.client(token=TOKEN)
+    assert guarded.get("/metrics").status_code == 401
+    ok = guarded.get("/metrics", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert ok.status_code == 200
+
+
 def test_the_cli_refuses_to_serve_off_loopback_without_a_token() -> None:
     runner = CliRunner()
     got = runner.invoke(main, ["ui", "--host", "0.0.0.0"], env={"CRUX_UI_TOKEN": None})
