@@ -46,3 +46,9 @@ def approval(f: FlowContext[Order]) -> Any:
 def payment(f: FlowContext[Order]) -> Any:
     f.step("reserve", lambda: {"reserved": f.input.order})
     return f.step("charge", lambda: _charge(f.input.amount))
+
+
+@flow("memo", input=Order)
+def memo(f: FlowContext[Order]) -> Any:
+    """Waits for a signal without a schema: the console offers a JSON box."""
+    return f.suspend("memo")

@@ -210,45 +210,19 @@ def test_an_operator_finds_a_suspended_flow_and_approves_it_through_the_signal_f
     assert "reserve" in text_of(d, "table.timeline")
     browser.shot("flow")
 
-    schema_form = bool(d.find_elements(By.NAME, "field.approved"))
-    if schema_form:
-        # The wait's recorded schema gives the form its fields; the send is checked at once.
-        d.find_element(By.NAME, "field.by").clear()
-        d.find_element(By.CSS_SELECTOR, "#signal-form button[type=submit]").click()
-        until(
-            browser, "the field error", lambda d: d.find_elements(By.CSS_SELECTOR, ".field-error")
-        )
-        assert "by" in [
-            e.get_attribute("data-field") for e in d.find_elements(By.CSS_SELECTOR, ".field-error")
-        ]
-        browser.shot("signal-invalid")
-        d.find_element(By.NAME, "field.approved").click()
-        d.find_element(By.NAME, "field.by").send_keys("dana (ops)")
-    else:
-        # No schema recorded at send: the form takes JSON; bad JSON is refused in place...
-        box = d.find_element(By.NAME, "payload")
-        box.send_keys('{"approved": yes}')
-        d.find_element(By.CSS_SELECTOR, "#signal-form button[type=submit]").click()
-        until(browser, "the JSON error", lambda d: "not valid JSON" in text_of(d, "#signal-error"))
-        assert d.find_element(By.NAME, "payload").get_attribute("value") == '{"approved": yes}'
-        browser.shot("signal-invalid")
-        # ...and a payload the flow's schema refuses is recorded, then shown rejected.
-        box = d.find_element(By.NAME, "payload")
-        box.clear()
-        box.send_keys('{"approved": "maybe"}')
-        d.find_element(By.CSS_SELECTOR, "#signal-form button[type=submit]").click()
-        until(browser, "the notice", lambda d: "Signal recorded" in text_of(d, ".notice"))
-        until(
-            browser,
-            "the rejected signal (live refresh)",
-            lambda d: (
-                "rejected" in text_of(d, "table.signals") and "by" in text_of(d, "table.signals")
-            ),
-        )
-        assert fleet.statuses()[target] == "suspended"
-        box = d.find_element(By.NAME, "payload")
-        box.clear()
-        box.send_keys('{"approved": true, "by": "dana (ops)"}')
+    # The wait's recorded schema gives the form its fields; the send is checked at once:
+    # "by" is required, and its error shows next to it; nothing is recorded.
+    assert "*" in d.find_element(By.XPATH, "//label[contains(., 'By')]").text
+    d.find_element(By.NAME, "field.note").send_keys("<b>rush</b>")
+    d.find_element(By.CSS_SELECTOR, "#signal-form button[type=submit]").click()
+    until(browser, "the field error", lambda d: d.find_elements(By.CSS_SELECTOR, ".field-error"))
+    errors = d.find_elements(By.CSS_SELECTOR, ".field-error")
+    assert [(e.get_attribute("data-field"), e.text) for e in errors] == [("by", "Field required")]
+    assert d.find_element(By.NAME, "field.note").get_attribute("value") == "<b>rush</b>"
+    assert fleet.app.get_flow(target).signals == []
+    browser.shot("signal-invalid")
+    d.find_element(By.NAME, "field.approved").click()
+    d.find_element(By.NAME, "field.by").send_keys("dana (ops)")
     d.find_element(By.CSS_SELECTOR, "#signal-form button[type=submit]").click()
     until(browser, "the notice", lambda d: "Signal delivered" in text_of(d, ".notice"))
     until(

@@ -42,7 +42,7 @@ class Env:
         self.app = Crux(Settings(database_url=f"sqlite:///{tmp}/console.db", sweep_interval=0.2))
         self.flows: dict[str, FlowHandle[Any]] = {
             h.name: self.app.flow(h.name, input=h.input_model)(h.fn)
-            for h in (console_flows.approval, console_flows.payment)
+            for h in (console_flows.approval, console_flows.payment, console_flows.memo)
         }
 
     def client(self, **options: Any) -> TestClient:
@@ -378,6 +378,31 @@ def test_a_signal_is_checked_at_send_against_the_schema_the_flow_waits_with(env:
     assert got.status_code == 303 and "done=signal" in got.headers["location"]
     env.wait(flow_id, "completed")
     assert env.app.get_flow(flow_id).result == {"order": "A-1", "approved": True}
+
+
+def test_without_a_recorded_schema_the_signal_form_takes_json(env: Env) -> None:
+    run = env.flows["memo"].run(input={"order": "M-1"})
+    env.wait(run.flow_id, "suspended")
+    c = env.client()
+    page = c.get(f"/flows/{run.flow_id}")
+    assert 'name="payload"' in page.text and "field." not in page.text
+    token = c.cookies[CSRF_COOKIE]
+    got = c.post(
+        f"/flows/{run.flow_id}/signal",
+        data={"csrf": token, "name": "memo", "payload": '{"x": nope}'},
+    )
+    assert got.status_code == 422
+    assert "not valid JSON" in got.text
+    assert "{&#34;x&#34;: nope}" in got.text  # what was typed stays in the box
+    assert env.app.get_flow(run.flow_id).signals == []
+    got = c.post(
+        f"/flows/{run.flow_id}/signal",
+        data={"csrf": token, "name": "memo", "payload": '{"x": [1, 2]}'},
+        follow_redirects=False,
+    )
+    assert got.status_code == 303
+    env.wait(run.flow_id, "completed")
+    assert env.app.get_flow(run.flow_id).result == {"x": [1, 2]}
 
 
 def test_retry_fork_and_waiting_through_the_api(
