@@ -35,7 +35,7 @@ from ..errors import (
 )
 from . import _security as sec
 from ._data import STATUSES, WAKE_WORDS, ConsoleData, ListQuery, flow_summary
-from ._format import ago, countdown, json_text, preview, safe, safe_lines, span
+from ._format import ago, countdown, error_line, json_text, preview, safe, safe_lines, span
 from ._forms import errors_by_field, fields_of, payload_of
 
 _HERE = Path(__file__).parent
@@ -176,6 +176,7 @@ class Console:
             preview=preview,
             json=json_text,
             quote=lambda v: quote(str(v), safe=""),
+            error_line=error_line,
         )
         self.templates = Jinja2Templates(env=env)
 

@@ -19,6 +19,7 @@ __all__ = [
     "countdown",
     "decode_cursor",
     "encode_cursor",
+    "error_line",
     "json_text",
     "preview",
     "safe",
@@ -89,6 +90,19 @@ def preview(value: Any, width: int = 80) -> str:
     """One line of JSON (a string shown as is), cut to ``width`` with an ellipsis."""
     text = safe(value) if isinstance(value, str) else json_text(value, indent=None)
     return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def error_line(error_json: str | None, width: int = 70) -> str:
+    """A recorded error (``ErrorInfo`` JSON) as one short line: "RuntimeError: refused"."""
+    if not error_json:
+        return ""
+    try:
+        error = json.loads(error_json)
+        kind = str(error.get("type", "error")).rsplit(".", 1)[-1]
+        text = f"{kind}: {error.get('message', '')}"
+    except (ValueError, AttributeError):
+        text = error_json
+    return preview(text.splitlines()[0] if text else "", width)
 
 
 def encode_cursor(created_at: datetime, flow_id: str) -> str:

@@ -13,6 +13,7 @@ from crux_workers.ui._format import (
     countdown,
     decode_cursor,
     encode_cursor,
+    error_line,
     preview,
     safe_lines,
     span,
@@ -42,6 +43,10 @@ def test_text_keeps_its_lines_and_loses_its_control_characters() -> None:
     )
     assert preview({"a": "x" * 100}, 20) == '{"a": "xxxxxxxxxxxx…'
     assert preview("bell\x07") == "bell\\x07"
+    line = error_line('{"type": "builtins.RuntimeError", "message": "refused\\nmore\\u001b"}')
+    assert line == "RuntimeError: refused"
+    assert error_line("not json\x1b") == "not json\\x1b"
+    assert error_line(None) == ""
 
 
 def test_a_cursor_round_trips_and_refuses_what_it_did_not_make() -> None:
