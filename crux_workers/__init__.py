@@ -50,6 +50,7 @@ if TYPE_CHECKING:
 
 from .errors import (
     ConfigurationError,
+    CrashLoop,
     CruxError,
     DuplicateFlowName,
     FlowAlreadyFinished,
@@ -63,6 +64,7 @@ from .errors import (
     NoConsensus,
     NonDeterminismError,
     NonRetryableError,
+    RecordRefused,
     SignalRejected,
     StepFailed,
     StepResultNotSerializable,
@@ -177,6 +179,8 @@ __all__ = [
     "WaitGroup",
     # errors
     "ConfigurationError",
+    "CrashLoop",
+    "RecordRefused",
     "CruxError",
     "DuplicateFlowName",
     "FlowAlreadyFinished",

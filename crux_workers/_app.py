@@ -278,7 +278,9 @@ class Crux:
     def purge_finished(self, before: datetime) -> int:
         """Delete flows that finished before ``before`` (every row of theirs), and refused
         ingress messages received before it; returns the number of flows."""
-        return self.store.purge_finished(before)
+        purged = self.store.purge_finished(before)
+        self.store.purge_rejected(before)
+        return purged
 
     async def retry_flow_async(self, flow_id: str) -> str:
         """``retry_flow`` for async code (the console)."""

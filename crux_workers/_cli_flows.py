@@ -333,20 +333,22 @@ def _age(_ctx: click.Context, _param: click.Parameter, value: str) -> timedelta:
 )
 @json_option
 def purge(age: timedelta, as_json: bool) -> None:
-    """Delete finished flows (every row of theirs) and refused messages older than AGE.
+    """Delete finished flows (steps and signals too) older than AGE. Active ones stay.
 
-    Active flows are never touched. CRUX_RETENTION=AGE makes beat do this periodically.
+    Refused ingress messages received before the same cutoff go too.
+    CRUX_RETENTION=AGE makes beat do this periodically.
     """
     with operator_app() as app:
         cutoff = app.store.now() - age
         count = app.store.purge_finished(cutoff)
+        refused = app.store.purge_rejected(cutoff)
     if as_json:
-        _emit_json({"purged": count, "finished_before": cutoff.isoformat()})
-    else:
-        click.echo(
-            f"purged {count} flow(s) finished before {_when(cutoff)} UTC "
-            "(and refused messages received before then)"
+        _emit_json(
+            {"purged": count, "purged_rejected": refused, "finished_before": cutoff.isoformat()}
         )
+    else:
+        click.echo(f"purged {count} flow(s) finished before {_when(cutoff)} UTC")
+        click.echo(f"purged {refused} refused message(s) received before {_when(cutoff)} UTC")
 
 
 @flows.command()

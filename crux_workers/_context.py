@@ -378,7 +378,7 @@ class FlowContext(Generic[InputT]):
 
         ``task`` is a Celery task, a signature (``t.s(...).set(queue="gpu")``), or a
         task name registered in another service. The child is sent once (task id
-        ``crux:<flow>:<seq>:<attempt>``), the flow suspends without holding a worker,
+        ``crux:<flow>:<seq>:<attempt>:<secret>``), the flow suspends without holding a worker,
         and the child's result is recorded as this step's result and resumes the flow.
         A failed child follows ``retry`` like a failed step. If no outcome arrives
         within ``resend_after`` (default ``CRUX_TASK_RESEND_AFTER``), the child is sent

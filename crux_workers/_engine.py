@@ -31,6 +31,7 @@ from ._keeper import keeper
 from ._loop import flow_loop
 from ._models import ErrorInfo, Retry
 from ._observe import Claim, NoObserver, Observer
+from ._store._lifecycle import loggable_task_id, next_digest
 from ._store._types import (
     Checkpoint,
     Claimed,
@@ -47,6 +48,7 @@ from .errors import (
     CruxError,
     FlowStopped,
     LeaseLost,
+    RecordRefused,
     StepFailed,
     StoreError,
     Suspended,
@@ -331,7 +333,10 @@ class Execution:
             # a send that happens twice is one task id, recorded once.
             self.engine.send_child(got.task_id, got.call, child)
             log.info(
-                "flow %s: child task %r sent (%s)", self.lease.flow_id, point.name, got.task_id
+                "flow %s: child task %r sent (%s)",
+                self.lease.flow_id,
+                point.name,
+                loggable_task_id(got.task_id),
             )
             raise Suspended(point.name)
         if isinstance(got, TaskError):
@@ -365,6 +370,13 @@ class Execution:
         )
 
 
+def _chain(history: list[Checkpoint]) -> str | None:
+    digest: str | None = None
+    for cp in history:
+        digest = next_digest(digest, cp.seq, cp.kind, cp.name, cp.occurrence, cp.result)
+    return digest
+
+
 def _no_children(task_id: str, call: str, child: Any) -> None:
     raise CruxError("this engine was built without a way to send child tasks")
 
@@ -384,9 +396,11 @@ class Engine:
         max_value_bytes: int = 1024 * 1024,
         cancel_check_every: float = 1.0,
         observer: Observer | None = None,
+        max_lapses: int | None = None,
     ) -> None:
         self.observer: Observer = observer or NoObserver()
         self.store = store
+        self.max_lapses = max_lapses
         self.cancel_check_every = cancel_check_every
         self.max_value_bytes = max_value_bytes
         self.cache = cache
@@ -398,13 +412,26 @@ class Engine:
     def _owner(self) -> str:
         return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
 
-    def load_history(self, flow_id: str, count: int) -> list[Checkpoint]:
-        """The first ``count`` checkpoints: one cache round trip, the record on a miss."""
+    def load_history(self, flow_id: str, count: int, digest: str | None = None) -> list[Checkpoint]:
+        """The first ``count`` checkpoints: one cache round trip, the record on a miss.
+
+        The cache decides nothing: its checkpoints are used only when their chained
+        digest equals ``digest``, the record's; anything else (a lost key, a tampered
+        or stale value, a row recorded before digests, ``digest`` None) is a miss.
+        """
         if count == 0:
             return []
-        cached = self.cache.load(flow_id)
-        if len(cached) >= count and all(i in cached for i in range(count)):
-            return [cached[i] for i in range(count)]
+        if digest is not None:
+            cached = self.cache.load(flow_id)
+            if len(cached) >= count and all(i in cached for i in range(count)):
+                history = [cached[i] for i in range(count)]
+                if _chain(history) == digest:
+                    return history
+                log.warning(
+                    "flow %s: the cached checkpoints do not match the record's digest; "
+                    "reading the record and refilling the cache",
+                    flow_id,
+                )
         cps = self.store.load_checkpoints(flow_id)
         self.cache.fill(flow_id, cps)
         return cps
@@ -412,10 +439,20 @@ class Engine:
     def advance(self, flow_id: str) -> Advance:
         """Claim the flow and run its handler until it suspends or finishes."""
         claimed_at = time.monotonic()
-        claimed = self.store.claim(flow_id, self._owner(), self.lease_ttl)
+        claimed = self.store.claim(
+            flow_id, self._owner(), self.lease_ttl, max_lapses=self.max_lapses
+        )
         if not isinstance(claimed, Claimed):
             if claimed.reason == "busy":
                 return Advance("busy", retry_after=claimed.retry_after)
+            if claimed.reason == "parked":
+                log.error(
+                    "flow %s: parked failed after %s executions died without progress",
+                    flow_id,
+                    self.max_lapses,
+                )
+                self.cache.drop(flow_id)
+                return Advance("failed")
             if claimed.reason == "missing":
                 log.warning("flow %s: no such flow; message dropped", flow_id)
             return Advance("noop")
@@ -447,7 +484,7 @@ class Engine:
             self.store.finish(lease, "cancelled")
             self.cache.drop(flow_id)
             return Advance("cancelled")
-        history = self.load_history(flow_id, claimed.next_seq)
+        history = self.load_history(flow_id, claimed.next_seq, claimed.history_digest)
         execution = Execution(self, claimed, history, claimed_at)
         try:
             try:
@@ -486,6 +523,11 @@ class Engine:
         except LeaseLost as exc:
             log.warning("flow %s: %s; this execution stops without writing", flow_id, exc)
             return Advance("lost", steps_run=execution.steps_run)
+        except RecordRefused as exc:
+            # The record refused a write for what it holds: retrying cannot help. Fail the
+            # flow with the error; if even that is refused, this raises, and the flow is
+            # left to the crash-loop rule (CRUX_MAX_LAPSES).
+            return self._fail(execution, exc)
         except StoreError:
             raise  # the record is unreachable: abandon this execution, do not fail the flow
         except Exception as exc:

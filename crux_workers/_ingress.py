@@ -36,6 +36,7 @@ from .errors import (
     FlowNotWaiting,
     InvalidInput,
     InvalidSignal,
+    RecordRefused,
     SignalRejected,
     StoreError,
 )
@@ -120,6 +121,9 @@ class Ingress:
             return self._reject("invalid_payload", detail, body, msg)
         except InvalidInput as exc:
             return self._reject("bad_fields", str(exc), body, msg)
+        except RecordRefused as exc:
+            # The record refused what the message holds: retrying would loop forever.
+            return self._reject("record_refused", str(exc), body, msg)
         except StoreError:
             raise
         except Exception as exc:

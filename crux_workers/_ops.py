@@ -85,7 +85,9 @@ def retention_tick(services: Services) -> RetentionReport | None:
     tick = _RETENTION_TICKS + int(now.timestamp() // s.retention_interval)
     if not store.claim_tick(tick):
         return RetentionReport(tick=tick, skipped=True)
-    purged = store.purge_finished(now - timedelta(seconds=s.retention))
+    cutoff = now - timedelta(seconds=s.retention)
+    purged = store.purge_finished(cutoff)
+    store.purge_rejected(cutoff)
     if purged:
         log.info("retention: purged %d flow(s) finished over %ss ago", purged, s.retention)
     return RetentionReport(tick=tick, purged=purged)

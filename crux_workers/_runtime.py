@@ -20,6 +20,7 @@ from ._ids import valid_id
 from ._models import ErrorInfo
 from ._observe import Observers
 from ._registry import FlowRegistry
+from ._store._lifecycle import loggable_task_id
 from .errors import NonRetryableError, StoreError, TaskFailed, UnknownFlow, ValueTooLarge
 
 log = logging.getLogger("crux_workers")
@@ -74,6 +75,7 @@ class Runtime:
                         task_resend_after=s.task_resend_after,
                         max_value_bytes=s.max_value_bytes,
                         observer=self.observers,
+                        max_lapses=s.max_lapses,
                     )
         return self._engine
 
@@ -163,7 +165,7 @@ class Runtime:
         except Exception as exc:
             log.warning(
                 "child task %s could not be sent (%r); it is sent again after %ss",
-                task_id,
+                loggable_task_id(task_id),
                 exc,
                 self._s.settings.task_resend_after,
             )

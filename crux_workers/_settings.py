@@ -89,6 +89,12 @@ class Settings(BaseSettings):
         ge=1024,
         description="largest stored value: flow input, step result, signal payload, child result",
     )
+    max_lapses: int = Field(
+        default=5,
+        ge=1,
+        le=1000,
+        description="park a flow failed once this many executions in a row died without progress",
+    )
     # -- signing and envelope limits (docs/signals.md) ---------------------------------
     signal_secret_previous: SecretStr | None = Field(
         default=None, description="for rotation: a second key the ingress also accepts"

@@ -266,12 +266,14 @@ def _register_child_callbacks(app: Celery, runtime: Runtime) -> None:
     A record that is down makes them retry; past that, the flow's resend timer sends
     the child again, so an outcome is never lost for good.
     """
-    from .errors import StoreError
+    from .errors import RecordRefused, StoreError
 
     retrying = {
         "shared": False,
         "acks_late": True,
         "autoretry_for": (StoreError,),
+        # ... but a write the record refuses for what it holds would be refused again.
+        "dont_autoretry_for": (RecordRefused,),
         "retry_backoff": True,
         "retry_backoff_max": 30,
         "max_retries": 20,

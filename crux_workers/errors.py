@@ -145,6 +145,19 @@ class StoreError(CruxError):
     """The durable record could not be reached or refused an operation."""
 
 
+class RecordRefused(StoreError):
+    """The record refused this write for what it holds; retrying cannot help.
+
+    A data error (a value the database will not store, a check or key it violates), as
+    opposed to a connection-level error (the database unreachable, a connection lost,
+    a serialization failure or deadlock), which means "try again later".
+    """
+
+
+class CrashLoop(CruxError):
+    """A flow was parked ``failed``: its executions kept dying without progress."""
+
+
 class NoConsensus(CruxError):
     """``consensus`` found no value that reached the quorum; ``counts`` holds the tally."""
 

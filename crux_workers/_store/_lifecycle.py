@@ -11,6 +11,10 @@ This module imports nothing but the standard library: no SQLAlchemy, no Redis.
 from __future__ import annotations
 
 import enum
+import hashlib
+import json
+import logging
+import secrets
 from datetime import datetime, timedelta
 from typing import Literal
 
@@ -289,9 +293,48 @@ def poll_wake(check_at: datetime, deadline_at: datetime | None) -> datetime:
     return check_at if deadline_at is None else min(check_at, deadline_at)
 
 
-def task_id_for(flow_id: str, seq: int, attempt: int) -> str:
-    """The child's Celery task id: stable per attempt, so a resend is recognisable."""
-    return f"crux:{flow_id}:{seq}:{attempt}"
+def task_id_for(flow_id: str, seq: int, attempt: int, token: str | None = None) -> str:
+    """The child's Celery task id: made once per attempt and kept across its resends.
+
+    Its last part is an unguessable secret (``token``, 32 hex digits, fresh unless
+    given): the id is recorded with the task, and an outcome counts only under the
+    exact id that was sent, so nobody who merely knows the flow id can forge one.
+    """
+    return f"crux:{flow_id}:{seq}:{attempt}:{token or secrets.token_hex(16)}"
+
+
+def flow_of_task_id(task_id: str) -> str | None:
+    """The flow id a child task id names (for logs only; never trusted), or None.
+
+    Takes ``crux:<flow>:<seq>:<attempt>:<secret>`` and the older, secret-less
+    ``crux:<flow>:<seq>:<attempt>`` (all a forger can make).
+    """
+    parts = task_id.split(":")
+    if parts[0] != "crux":
+        return None
+    last = parts[-1]
+    drop = 3 if len(last) == 32 and all(ch in "0123456789abcdef" for ch in last) else 2
+    if len(parts) < drop + 2 or not all(p.isdigit() for p in parts[-drop:][:2]):
+        return None
+    return ":".join(parts[1:-drop]) or None
+
+
+def loggable_task_id(task_id: str) -> str:
+    """A child task id for logs: without its secret part."""
+    head, _, last = task_id.rpartition(":")
+    return f"{head}:…" if head and len(last) == 32 else task_id
+
+
+def refuse_outcome(task_id: str) -> None:
+    """Log a child outcome that names no task ever sent (forged, or of a stale attempt).
+
+    The id's secret part is never logged; the flow id it names is, untrusted.
+    """
+    logging.getLogger("crux_workers").warning(
+        "refused a child task outcome for flow %.200r: its task id matches no child this "
+        "flow sent (forged, or of an earlier attempt); nothing changed",
+        flow_of_task_id(task_id),
+    )
 
 
 def sends_new_attempt(row_status: str, row_attempt: int, attempt: int) -> bool:
@@ -310,3 +353,78 @@ def task_outcome(error: str | None) -> TaskStatus:
 def task_send_stale(sent_at: datetime, resend_after: float, now: datetime) -> bool:
     """A running child's last send is trusted no longer: publish it again."""
     return sent_at + timedelta(seconds=resend_after) <= now
+
+
+# -- crash loops ---------------------------------------------------------------------
+
+
+def claim_takes_lapse(owner: str | None) -> bool:
+    """A claim (of a claimable flow) that takes over a lease its holder let run out.
+
+    The previous execution died or stalled without suspending, finishing or releasing:
+    one lapse more. Any progress (a checkpoint, a suspend, a finish) resets the count.
+    """
+    return owner is not None
+
+
+def lapses_after_claim(owner: str | None, lapses: int) -> int:
+    """The flow's consecutive lapses once this claim took the lease."""
+    return lapses + 1 if claim_takes_lapse(owner) else lapses
+
+
+def parks(lapses: int, max_lapses: int | None) -> bool:
+    """The claim took the ``max_lapses``-th lapse in a row: park the flow ``failed``."""
+    return max_lapses is not None and lapses >= max_lapses
+
+
+def crash_loop_error(lapses: int) -> str:
+    """The recorded error (``ErrorInfo`` JSON) of a flow parked after a crash loop."""
+    return json.dumps(
+        {
+            "type": "crux_workers.errors.CrashLoop",
+            "message": (
+                f"parked after {lapses} executions died without progress "
+                "(each lost its lease before a checkpoint, a suspend or a finish); "
+                "see CRUX_MAX_LAPSES"
+            ),
+            "traceback": None,
+            "step": None,
+            "details": {"lapses": lapses},
+        }
+    )
+
+
+# -- the checkpoint chain (what the step cache is checked against) ------------------------
+
+EMPTY_HISTORY = ""
+"""The chained digest of a flow with no checkpoint yet."""
+
+
+def cp_digest(seq: int, kind: str, name: str, occurrence: int, result: str) -> str:
+    """SHA-256 (hex) of a checkpoint's canonical encoding.
+
+    ``seq``, ``kind``, ``occurrence``, the length of ``name`` and ``name`` on lines of
+    their own, then ``result`` to the end, in UTF-8: unambiguous (a kind has no newline,
+    the name is length-prefixed, the result comes last) and cheap to compute.
+    """
+    encoded = f"{seq}\n{kind}\n{occurrence}\n{len(name)}\n{name}\n{result}"
+    return hashlib.sha256(encoded.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def chain_link(previous: str, cp_hex: str) -> str:
+    """One link of the chain: ``sha256_hex(previous + cp_digest)``."""
+    return hashlib.sha256((previous + cp_hex).encode("ascii")).hexdigest()
+
+
+def next_digest(
+    previous: str | None, seq: int, kind: str, name: str, occurrence: int, result: str
+) -> str | None:
+    """The flow's chained digest after committing checkpoint ``seq``.
+
+    Checkpoint 0 starts the chain; a flow whose row has no digest (recorded before the
+    digest existed) keeps none, and its cache is never trusted.
+    """
+    base = EMPTY_HISTORY if seq == 0 else previous
+    if base is None:
+        return None
+    return chain_link(base, cp_digest(seq, kind, name, occurrence, result))

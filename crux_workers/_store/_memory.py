@@ -89,8 +89,10 @@ class MemoryStore:
             self._flows[flow_id] = flow
             return flow_row(flow, details=False), True
 
-    def claim(self, flow_id: str, owner: str, ttl: float) -> Claimed | NotClaimed:
-        """Take the lease if it is free and the flow has something to do."""
+    def claim(
+        self, flow_id: str, owner: str, ttl: float, *, max_lapses: int | None = None
+    ) -> Claimed | NotClaimed:
+        """Take the lease if it is free; park a flow that took ``max_lapses`` lapses."""
         with self._lock:
             now = self._now()
             flow = self._flows.get(flow_id)
@@ -106,12 +108,18 @@ class MemoryStore:
                     return NotClaimed("busy", (flow.lease_until - now).total_seconds())
                 return NotClaimed("idle")
             woke_at, woke_by = flow.wake_at, flow.wake_kind
+            flow.lapses = life.lapses_after_claim(flow.lease_owner, flow.lapses)
             flow.status = FlowStatus.RUNNING
             flow.lease_owner, flow.lease_until = owner, now + timedelta(seconds=ttl)
             flow.epoch += 1
             flow.runs += 1
             flow.wake_at = flow.wake_kind = None
             flow.updated_at = now
+            if life.parks(flow.lapses, max_lapses):
+                lapses = flow.lapses
+                self._s.end(flow, FlowStatus.FAILED)
+                flow.error = life.crash_loop_error(lapses)
+                return NotClaimed("parked")
             return Claimed(
                 Lease(flow_id, owner, flow.epoch),
                 flow.name,
@@ -122,6 +130,7 @@ class MemoryStore:
                 woke_at=woke_at,
                 woke_by=None if woke_by is None else str(woke_by),
                 runs=flow.runs,
+                history_digest=flow.history_digest,
             )
 
     def renew(self, lease: Lease, ttl: float) -> bool:
@@ -398,6 +407,7 @@ class MemoryStore:
             flow.lease_owner = flow.lease_until = flow.waiting_on = flow.deadline = None
             flow.waiting_schema = None
             flow.retry_attempt = 0
+            flow.lapses = 0  # a flow parked after a crash loop starts counting again
             flow.retries += 1
             flow.wake_at, flow.wake_kind, flow.updated_at = now, WakeKind.RUN, now
             self._tasks.forget_failed(flow_id, flow.next_seq)
@@ -472,6 +482,10 @@ class MemoryStore:
     def waiting(self, name: str | None = None) -> list[WaitRow]:
         """Suspended flows (of ``name``) grouped by what they wait on; woken ones excluded."""
         return self._admin.waiting(name)
+
+    def purge_rejected(self, before: datetime) -> int:
+        """Delete refused ingress messages received before ``before``; how many."""
+        return self._admin.purge_rejected(before)
 
     def record_rejected(
         self,

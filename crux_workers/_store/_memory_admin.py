@@ -76,7 +76,7 @@ class MemoryAdmin:
             return RecordOverview(counts, len(due), min(due, default=None), None, now)
 
     def purge_finished(self, before: datetime) -> int:
-        """Delete finished flows (all their rows), and refused messages, from before ``before``."""
+        """Delete finished flows (all their rows) that ended before ``before``; how many."""
         with self._s.lock:
             gone = [
                 f.id
@@ -89,7 +89,6 @@ class MemoryAdmin:
                 del self._s.flows[flow_id]
             for key in [k for k in self._s.tasks if k[0] in set(gone)]:
                 del self._s.tasks[key]
-            self._s.rejected[:] = [r for r in self._s.rejected if r.received_at >= before]
             return len(gone)
 
     def waiting(self, name: str | None = None) -> list[WaitRow]:
@@ -110,6 +109,14 @@ class MemoryAdmin:
                 and f.wake_kind != life.WakeKind.RUN
                 and (name is None or f.name == name)
             )
+
+    def purge_rejected(self, before: datetime) -> int:
+        """Delete refused ingress messages received before ``before``; how many."""
+        with self._s.lock:
+            kept = [r for r in self._s.rejected if r.received_at >= before]
+            gone = len(self._s.rejected) - len(kept)
+            self._s.rejected[:] = kept
+            return gone
 
     def record_rejected(
         self,

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
-from ..errors import FlowNotFound, LeaseLost, StoreError
+from ..errors import FlowNotFound, LeaseLost, RecordRefused
 from . import _lifecycle as life
 from ._lifecycle import FlowStatus, TaskStatus
 from ._types import Checkpoint, FlowRow, Lease, RejectedRow, SignalRow, StepErrorRow, StepRow
@@ -37,6 +37,8 @@ class MemoryFlow:
     next_seq: int = 0
     runs: int = 0
     retry_attempt: int = 0
+    lapses: int = 0
+    history_digest: str | None = None
     finished_at: datetime | None = None
     waiting_schema: str | None = None
     forked_from: str | None = None
@@ -106,7 +108,7 @@ class MemoryState:
             s.seq == cp.seq or (s.name, s.occurrence) == (cp.name, cp.occurrence)
             for s in flow.steps
         ):
-            raise StoreError(f"checkpoint {cp.seq} of flow {flow.id} exists already")
+            raise RecordRefused(f"checkpoint {cp.seq} of flow {flow.id} exists already")
         flow.steps.append(
             StepRow(
                 cp.seq,
@@ -120,6 +122,10 @@ class MemoryState:
             )
         )
         flow.next_seq = cp.seq + 1
+        flow.history_digest = life.next_digest(
+            flow.history_digest, cp.seq, cp.kind, cp.name, cp.occurrence, cp.result
+        )
+        flow.lapses = 0  # a checkpoint is progress
         self.commits += 1
 
     def cancel_requested(self, flow: MemoryFlow) -> bool:
@@ -135,11 +141,13 @@ class MemoryState:
         flow.updated_at = flow.finished_at
         flow.lease_owner = flow.lease_until = flow.wake_at = flow.wake_kind = None
         flow.waiting_on = flow.deadline = flow.waiting_schema = None
+        flow.lapses = 0
 
     def suspend(self, flow: MemoryFlow, wake_at: datetime | None, kind: str | None) -> None:
         """Suspend the flow until ``wake_at`` (for ``kind``) and free its lease."""
         flow.status = FlowStatus.SUSPENDED
         flow.lease_owner = flow.lease_until = None
+        flow.lapses = 0  # a suspend is progress
         flow.wake_at, flow.wake_kind = wake_at, kind
 
 

@@ -86,7 +86,10 @@ class MemoryTasks:
         """Record a child's outcome once; the (flow name, flow id) to wake, if any."""
         with self._s.lock:
             row = next((t for t in self._s.tasks.values() if t.task_id == task_id), None)
-            if row is None or row.status != TaskStatus.PENDING:
+            if row is None:
+                life.refuse_outcome(task_id)
+                return None
+            if row.status != TaskStatus.PENDING:
                 return None
             row.status = life.task_outcome(error)
             row.result, row.error = result, error

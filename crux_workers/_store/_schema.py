@@ -43,6 +43,11 @@ flows = Table(
     Column("runs", Integer, nullable=False, server_default="0"),
     # Failed attempts of the step at next_seq (reset when a checkpoint commits).
     Column("retry_attempt", Integer, nullable=False, server_default="0"),
+    # Claims in a row that took over a lease its holder let run out (reset by progress).
+    Column("lapses", Integer, nullable=False, server_default="0"),
+    # The chained SHA-256 of the checkpoints (``_lifecycle.next_digest``): what a cached
+    # history must match. NULL on a flow with checkpoints recorded before it existed.
+    Column("history_digest", String(64)),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
     Column("finished_at", DateTime(timezone=True)),

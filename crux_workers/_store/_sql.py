@@ -86,9 +86,11 @@ class SqlStore:
 
     # -- ExecutorStore ------------------------------------------------------------------
 
-    def claim(self, flow_id: str, owner: str, ttl: float) -> Claimed | NotClaimed:
-        """Take the lease if it is free and the flow has something to do."""
-        return self._exec.claim(flow_id, owner, ttl)
+    def claim(
+        self, flow_id: str, owner: str, ttl: float, *, max_lapses: int | None = None
+    ) -> Claimed | NotClaimed:
+        """Take the lease if it is free; park a flow that took ``max_lapses`` lapses."""
+        return self._exec.claim(flow_id, owner, ttl, max_lapses=max_lapses)
 
     def renew(self, lease: Lease, ttl: float) -> bool:
         """Extend the lease; False when it was lost."""
@@ -227,6 +229,10 @@ class SqlStore:
     def waiting(self, name: str | None = None) -> list[WaitRow]:
         """Suspended flows (of ``name``) grouped by what they wait on; woken ones excluded."""
         return self._admin.waiting(name)
+
+    def purge_rejected(self, before: datetime) -> int:
+        """Delete refused ingress messages received before ``before``; how many."""
+        return self._admin.purge_rejected(before)
 
     def record_rejected(
         self,

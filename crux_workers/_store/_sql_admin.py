@@ -105,7 +105,7 @@ class SqlAdmin:
         return RecordOverview(counts, int(due), aware(oldest), aware(last), now)
 
     def purge_finished(self, before: datetime) -> int:
-        """Delete finished flows (all their rows), and refused messages, from before ``before``."""
+        """Delete finished flows (all their rows) that ended before ``before``; how many."""
         c = flows.c
         purged = 0
         while True:
@@ -127,18 +127,6 @@ class SqlAdmin:
                     conn.execute(delete(flows).where(c.id.in_(ids)))
             purged += len(ids)
             if len(ids) < _PURGE_BATCH:
-                break
-        r = rejected_signals.c
-        while True:
-            with self._db.tx() as conn:
-                old = (
-                    conn.execute(select(r.id).where(r.received_at < before).limit(_PURGE_BATCH))
-                    .scalars()
-                    .all()
-                )
-                if old:
-                    conn.execute(delete(rejected_signals).where(r.id.in_(old)))
-            if len(old) < _PURGE_BATCH:
                 return purged
 
     def waiting(self, name: str | None = None) -> list[WaitRow]:
@@ -176,6 +164,24 @@ class SqlAdmin:
             )
             for r in rows
         )
+
+    def purge_rejected(self, before: datetime) -> int:
+        """Delete refused ingress messages received before ``before``; how many."""
+        r = rejected_signals.c
+        purged = 0
+        while True:
+            # Batches, as for flows: short transactions on a large table.
+            with self._db.tx() as conn:
+                ids = (
+                    conn.execute(select(r.id).where(r.received_at < before).limit(_PURGE_BATCH))
+                    .scalars()
+                    .all()
+                )
+                if ids:
+                    conn.execute(delete(rejected_signals).where(r.id.in_(ids)))
+            purged += len(ids)
+            if len(ids) < _PURGE_BATCH:
+                return purged
 
     def record_rejected(
         self,

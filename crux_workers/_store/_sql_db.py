@@ -19,12 +19,13 @@ from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Select, create_engine, event, insert, update
+from sqlalchemy import Connection, Engine, Select, create_engine, event, insert, select, update
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from .._settings import redact
-from ..errors import LeaseLost, StoreError
+from ..errors import LeaseLost, RecordRefused, StoreError
+from . import _lifecycle as life
 from ._clock import aware
 from ._lifecycle import FlowStatus
 from ._schema import flows, steps
@@ -39,7 +40,23 @@ NO_LEASE: dict[str, Any] = {
     "waiting_on": None,
     "deadline": None,
     "waiting_schema": None,
+    "lapses": 0,
 }
+
+
+def connection_level(exc: sa_exc.DBAPIError) -> bool:
+    """The database could not be reached or could not decide now: try again later.
+
+    Connection errors, invalidated connections, serialization failures and deadlocks
+    (SQLSTATE class 40, which drivers report as operational errors, checked by code too).
+    Anything else (a value, a check or a key the record refuses) cannot succeed later.
+    """
+    if exc.connection_invalidated:
+        return True
+    if isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError):
+        return True
+    code = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
+    return isinstance(code, str) and (code.startswith("40") or code.startswith("08"))
 
 
 def make_engine(url: str) -> Engine:
@@ -93,11 +110,16 @@ class SqlDb:
 
     @contextmanager
     def driver_errors(self) -> Iterator[None]:
-        """Driver errors leave the seam as ``StoreError``, with the URL but no password."""
+        """Driver errors leave the seam as ``StoreError``, with the URL but no password.
+
+        Connection-level errors are a plain ``StoreError`` (retry later); the others
+        (data errors) are ``RecordRefused``: the write can never succeed as it is.
+        """
         try:
             yield
         except sa_exc.DBAPIError as exc:
-            raise StoreError(
+            kind = StoreError if connection_level(exc) else RecordRefused
+            raise kind(
                 f"database error on {redact(self.url)}: {exc.orig!r}",
                 url=redact(self.url),
                 connection_invalidated=bool(exc.connection_invalidated),
@@ -169,11 +191,16 @@ class SqlDb:
         )
 
     def suspend(self, conn: Connection, flow_id: str, **values: Any) -> None:
-        """Suspend the flow and free its lease (the caller holds its row lock)."""
+        """Suspend the flow and free its lease (the caller holds its row lock).
+
+        A suspend is progress: the crash-loop count starts again.
+        """
         conn.execute(
             update(flows)
             .where(flows.c.id == flow_id)
-            .values(status=FlowStatus.SUSPENDED, lease_owner=None, lease_until=None, **values)
+            .values(
+                status=FlowStatus.SUSPENDED, lease_owner=None, lease_until=None, lapses=0, **values
+            )
         )
 
     def insert_step(
@@ -184,8 +211,21 @@ class SqlDb:
         *,
         started_at: datetime | None,
         attempts: int,
+        **flow_values: Any,
     ) -> None:
-        """Insert a checkpoint row (the caller's fenced touch came first)."""
+        """Insert a checkpoint row (the caller's fenced touch came first).
+
+        In the same transaction, one UPDATE of the flow's row sets ``flow_values``,
+        chains the checkpoint into its digest, and starts the crash-loop count again (a
+        checkpoint is progress).
+        """
+        conn.execute(
+            update(flows)
+            .where(flows.c.id == lease.flow_id)
+            .values(
+                history_digest=self.next_digest(conn, lease.flow_id, cp), lapses=0, **flow_values
+            )
+        )
         conn.execute(
             insert(steps).values(
                 flow_id=lease.flow_id,
@@ -200,6 +240,13 @@ class SqlDb:
                 completed_at=self.now(),
             )
         )
+
+    def next_digest(self, conn: Connection, flow_id: str, cp: Checkpoint) -> Any:
+        """The flow's chained digest with ``cp`` in (``_lifecycle.next_digest``), in Python."""
+        previous = conn.execute(
+            select(flows.c.history_digest).where(flows.c.id == flow_id)
+        ).scalar()
+        return life.next_digest(previous, cp.seq, cp.kind, cp.name, cp.occurrence, cp.result)
 
     def flow_row(self, r: Any, **extra: Any) -> FlowRow:
         """A ``crux_flows`` row as plain data."""

@@ -41,8 +41,14 @@ class SqlExecutor:
         """The record's notion of the current time (UTC)."""
         return self._db.now()
 
-    def claim(self, flow_id: str, owner: str, ttl: float) -> Claimed | NotClaimed:
-        """Take the lease if it is free and the flow has something to do."""
+    def claim(
+        self, flow_id: str, owner: str, ttl: float, *, max_lapses: int | None = None
+    ) -> Claimed | NotClaimed:
+        """Take the lease if it is free and the flow has something to do.
+
+        Taking over a lapsed lease counts a lapse (``rules.lapses_after_claim``); the
+        claim that takes the ``max_lapses``-th in a row parks the flow ``failed``.
+        """
         now = self._db.now()
         c = flows.c
         stmt = (
@@ -54,12 +60,21 @@ class SqlExecutor:
                 lease_until=now + timedelta(seconds=ttl),
                 epoch=c.epoch + 1,
                 runs=c.runs + 1,
+                lapses=rules.lapses_after_claim(),
                 wake_at=None,
                 wake_kind=None,
                 updated_at=now,
             )
             .returning(
-                c.epoch, c.name, c.input, c.next_seq, c.retry_attempt, c.cancel_reason, c.runs
+                c.epoch,
+                c.name,
+                c.input,
+                c.next_seq,
+                c.retry_attempt,
+                c.cancel_reason,
+                c.runs,
+                c.lapses,
+                c.history_digest,
             )
         )
         with self._db.one() as conn:
@@ -68,6 +83,20 @@ class SqlExecutor:
                 row = conn.execute(
                     select(c.status, c.lease_owner, c.lease_until).where(c.id == flow_id)
                 ).first()
+            elif life.parks(int(got.lapses), max_lapses):
+                # This claim holds the new epoch: end the flow under it, in its own write.
+                conn.execute(
+                    update(flows)
+                    .where(c.id == flow_id, c.epoch == got.epoch)
+                    .values(
+                        status=FlowStatus.FAILED,
+                        error=life.crash_loop_error(int(got.lapses)),
+                        finished_at=now,
+                        updated_at=now,
+                        **NO_LEASE,
+                    )
+                )
+                return NotClaimed("parked")
         if got is not None:
             return Claimed(
                 lease=Lease(flow_id, owner, int(got.epoch)),
@@ -79,6 +108,7 @@ class SqlExecutor:
                 woke_at=aware(woke_at),
                 woke_by=woke_by,
                 runs=int(got.runs),
+                history_digest=got.history_digest,
             )
         if row is None:
             return NotClaimed("missing")
@@ -287,17 +317,17 @@ class SqlExecutor:
                             consumed_at=db.now(),
                         )
                     )
-                    conn.execute(
-                        update(flows)
-                        .where(flows.c.id == lease.flow_id)
-                        .values(
-                            next_seq=point.seq + 1,
-                            waiting_on=None,
-                            deadline=None,
-                            waiting_schema=None,
-                        )
+                    db.insert_step(
+                        conn,
+                        lease,
+                        cp,
+                        started_at=None,
+                        attempts=1,
+                        next_seq=point.seq + 1,
+                        waiting_on=None,
+                        deadline=None,
+                        waiting_schema=None,
                     )
-                    db.insert_step(conn, lease, cp, started_at=None, attempts=1)
                     return cp
             now = db.now()
             deadline = life.deadline(

@@ -17,6 +17,7 @@ from sqlalchemy import Connection, Engine, Select, Update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from ..errors import FlowNotFound
+from . import _lifecycle as life
 from . import _sql_rules as rules
 from ._lifecycle import FlowStatus
 from ._schema import flows
@@ -46,6 +47,11 @@ class PgDb(SqlDb):
     def insert(self, table: Any) -> Any:
         """An INSERT that knows ``ON CONFLICT DO NOTHING``."""
         return pg_insert(table)
+
+    def next_digest(self, conn: Connection, flow_id: str, cp: Checkpoint) -> Any:
+        """The chained digest as an SQL expression: no extra round trip to read it first."""
+        cp_hex = life.cp_digest(cp.seq, cp.kind, cp.name, cp.occurrence, cp.result)
+        return rules.next_digest(cp.seq, cp_hex)
 
     def lock_for_sweep(self, query: Select[Any]) -> Select[Any]:
         """Two sweepers share the due rows instead of waiting on each other's locks."""
@@ -90,6 +96,7 @@ class PgExecutor(SqlExecutor):
                     "name": cp.name,
                     "occurrence": cp.occurrence,
                     "result": cp.result,
+                    "cp_digest": life.cp_digest(cp.seq, cp.kind, cp.name, cp.occurrence, cp.result),
                     "attempts": attempts,
                     "started_at": started_at,
                 },

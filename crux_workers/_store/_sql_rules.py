@@ -12,7 +12,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, or_, text
+from sqlalchemy import String, and_, case, func, literal, null, or_, text
 
 from ._lifecycle import ACTIVE, FlowStatus, WakeKind
 from ._schema import flows
@@ -34,6 +34,33 @@ def has_work(now: datetime) -> Any:
 def lease_free(now: datetime) -> Any:
     """``_lifecycle.lease_free``: no holder, or the holder's lease ran out."""
     return or_(_c.lease_owner.is_(None), _c.lease_until < now)
+
+
+def lapses_after_claim() -> Any:
+    """``_lifecycle.lapses_after_claim``: one more when the claim takes over a lapsed lease.
+
+    Used in the claim's UPDATE, whose WHERE already requires ``lease_free``: a holder
+    still recorded there let the lease run out.
+    """
+    return case((_c.lease_owner.is_not(None), _c.lapses + 1), else_=_c.lapses)
+
+
+def _link(text_expr: Any) -> Any:
+    return func.encode(func.sha256(func.convert_to(text_expr, "UTF8")), "hex")
+
+
+def next_digest(seq: int, cp_hex: str) -> Any:
+    """``_lifecycle.next_digest`` on the row, given the checkpoint's own digest ``cp_hex``.
+
+    The same as ``NEXT_DIGEST_SQL`` below, as an expression for UPDATE statements built
+    with SQLAlchemy (the signal and child-task paths on Postgres).
+    """
+    if seq == 0:
+        return _link(literal(cp_hex, String))
+    return case(
+        (_c.history_digest.is_(None), null()),
+        else_=_link(_c.history_digest.concat(literal(cp_hex, String))),
+    )
 
 
 def sweep_due(now: datetime, redrive_after: float) -> Any:
@@ -108,16 +135,30 @@ RECORD_SIGNAL = text(
     """
 )
 
+# ``_lifecycle.next_digest`` in SQL, given the checkpoint's own digest (``:cp_digest``,
+# computed in Python) and the row's ``history_digest``: checkpoint 0 starts the chain
+# from '', a row without a digest keeps none.
+NEXT_DIGEST_SQL = """
+    CASE WHEN :seq = 0 THEN encode(sha256(convert_to(:cp_digest, 'UTF8')), 'hex')
+         WHEN history_digest IS NULL THEN NULL
+         ELSE encode(sha256(convert_to(history_digest || :cp_digest, 'UTF8')), 'hex')
+    END
+"""
+
 # Postgres: commit a step in one statement (``PgExecutor.commit_checkpoint``).
 # Rule: the lease fence (same epoch, status 'running'); the insert reads the
 # touch's output, so it happens only if the epoch still holds. A commit resets the
-# failed attempts (``retry_attempt = 0``).
+# failed attempts (``retry_attempt = 0``) and the crash-loop count (``lapses = 0``),
+# and chains the checkpoint into ``history_digest`` (NEXT_DIGEST_SQL).
 COMMIT_STEP = text(
     """
     WITH touched AS (
         UPDATE crux_flows
            SET lease_until = :lease_until, updated_at = :now,
-               next_seq = :next_seq, retry_attempt = 0
+               next_seq = :next_seq, retry_attempt = 0, lapses = 0,
+               history_digest = """
+    + NEXT_DIGEST_SQL
+    + """
          WHERE id = :flow_id AND epoch = :epoch AND status = 'running'
         RETURNING cancel_reason
     ), inserted AS (

@@ -82,13 +82,15 @@ class SqlTasks:
                 cp = Checkpoint(
                     point.seq, CheckpointKind.TASK.value, point.name, point.occurrence, row.result
                 )
-                conn.execute(
-                    update(flows)
-                    .where(flows.c.id == lease.flow_id)
-                    .values(next_seq=point.seq + 1, retry_attempt=0, waiting_on=None)
-                )
                 db.insert_step(
-                    conn, lease, cp, started_at=aware(row.created_at), attempts=row.attempt
+                    conn,
+                    lease,
+                    cp,
+                    started_at=aware(row.created_at),
+                    attempts=row.attempt,
+                    next_seq=point.seq + 1,
+                    retry_attempt=0,
+                    waiting_on=None,
                 )
                 return cp
             if row.status == TaskStatus.FAILED:
@@ -113,8 +115,10 @@ class SqlTasks:
         """Record a child's outcome once; the (flow name, flow id) to wake, if any."""
         db, t, c = self._db, tasks.c, flows.c
         with db.tx() as conn:
+            # The exact id, secret part included, of a child this flow sent: nothing else.
             found = conn.execute(select(t.flow_id).where(t.task_id == task_id)).first()
             if found is None:
+                life.refuse_outcome(task_id)
                 return None
             flow = conn.execute(
                 select(c.name, c.status, c.wake_kind).where(c.id == found.flow_id).with_for_update()
@@ -154,6 +158,7 @@ def _wait_for_child(conn: Connection, lease: Lease, point: TaskPoint, resend_at:
             wake_kind=WakeKind.TASK,
             lease_owner=None,
             lease_until=None,
+            lapses=0,
         )
     )
 

@@ -43,11 +43,14 @@ class Claimed:
     woke_at: datetime | None = None
     woke_by: str | None = None
     runs: int = 0  # claims of this flow so far, this one included
+    history_digest: str | None = None
+    """The chained digest of the ``next_seq`` checkpoints (``_lifecycle.next_digest``):
+    a cached history is used only if it matches; None (an old row) trusts no cache."""
 
 
 SuspendOutcome = Literal["suspended", "expired", "cancelled"]
 
-ClaimRefusal = Literal["missing", "finished", "busy", "idle"]
+ClaimRefusal = Literal["missing", "finished", "busy", "idle", "parked"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +59,7 @@ class NotClaimed:
 
     reason: ClaimRefusal
     retry_after: float | None = None
+    """``parked``: this claim found the flow in a crash loop and finished it ``failed``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -330,8 +334,14 @@ class ExecutorStore(Protocol):
     epoch; ``now`` is the record's clock, so timers agree across workers.
     """
 
-    def claim(self, flow_id: str, owner: str, ttl: float) -> Claimed | NotClaimed:
-        """Take the lease if it is free and the flow has something to do."""
+    def claim(
+        self, flow_id: str, owner: str, ttl: float, *, max_lapses: int | None = None
+    ) -> Claimed | NotClaimed:
+        """Take the lease if it is free and the flow has something to do.
+
+        Taking over a lease that ran out counts a lapse; the claim that would take the
+        ``max_lapses``-th in a row finishes the flow ``failed`` instead (``parked``).
+        """
         ...
 
     def renew(self, lease: Lease, ttl: float) -> bool:
@@ -514,6 +524,10 @@ class AdminStore(Protocol):
 
     def waiting(self, name: str | None = None) -> list[WaitRow]:
         """Suspended flows (of ``name``) grouped by what they wait on; woken ones excluded."""
+        ...
+
+    def purge_rejected(self, before: datetime) -> int:
+        """Delete refused ingress messages received before ``before``; how many."""
         ...
 
     def record_rejected(

@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .._store._lifecycle import flow_of_task_id
 from .._transport import PublishedSignal
 
 
@@ -28,8 +29,8 @@ class PendingTask:
 
     @property
     def flow_id(self) -> str:
-        """The flow that sent it (task ids are ``crux:<flow_id>:<seq>:<attempt>``)."""
-        return self.task_id[len("crux:") :].rsplit(":", 2)[0]
+        """The flow that sent it (named by its task id)."""
+        return flow_of_task_id(self.task_id) or ""
 
 
 @dataclass(slots=True)

@@ -33,8 +33,8 @@ def _effect(flow_id: str, name: str) -> None:
 
 @app.task(name="children.plan", bind=True)  # type: ignore[untyped-decorator]
 def plan(self: object, topic: str, fail_times: int = 0, delay: float = 0.0) -> list[str]:
-    # The task id is crux:<flow>:<seq>:<attempt>: fail the first fail_times attempts.
-    _, flow_id, _seq, attempt = self.request.id.rsplit(":", 3)  # type: ignore[attr-defined]
+    # The task id is crux:<flow>:<seq>:<attempt>:<secret>: fail the first fail_times attempts.
+    _, flow_id, _seq, attempt, _secret = self.request.id.rsplit(":", 4)  # type: ignore[attr-defined]
     _effect(flow_id, f"child-plan-{attempt}")
     time.sleep(delay)
     if int(attempt) <= fail_times:

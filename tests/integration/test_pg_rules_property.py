@@ -22,7 +22,7 @@ from crux_workers._store import _sql_rules as rules
 from crux_workers._store._lifecycle import FlowStatus, WakeKind
 from crux_workers._store._schema import flows, signals, steps
 from crux_workers._store._sql import SqlStore
-from crux_workers._store._types import Checkpoint, Lease
+from crux_workers._store._types import Checkpoint, Claimed, Lease, NotClaimed
 from crux_workers.errors import InvalidSignal, LeaseLost
 
 NOW = datetime(2026, 11, 21, 10, 0, tzinfo=UTC)
@@ -49,6 +49,7 @@ flow_rows = st.fixed_dictionaries(
         "waiting_on": st.sampled_from([None, "a", "b"]),
         "epoch": st.integers(0, 3),
         "cancel_reason": st.sampled_from([None, "stop"]),
+        "lapses": st.integers(0, 4),
     }
 )
 
@@ -227,3 +228,93 @@ def test_the_one_statement_signal_checks_at_send_as_the_rule_says(
     assert seen == ([schema] if checks else [])
     recorded = store.get_flow(flow_id).signals
     assert len(recorded) == (0 if checks and not passes else 1)
+
+
+@given(row=flow_rows, max_lapses=st.sampled_from([None, 1, 2, 3, 5]))
+def test_the_claim_counts_lapses_and_parks_as_the_rules_say(
+    store: SqlStore, row: dict[str, Any], max_lapses: int | None
+) -> None:
+    (flow_id,) = _load(store.engine, [row])
+    with store.engine.connect() as conn:
+        sql_after = conn.execute(
+            select(rules.lapses_after_claim()).where(flows.c.id == flow_id)
+        ).scalar()
+    after = life.lapses_after_claim(row["lease_owner"], row["lapses"])
+    assert sql_after == after
+    claimable = life.claimable(
+        row["status"], row["wake_kind"], row["wake_at"], row["lease_owner"], row["lease_until"], NOW
+    )
+    got = store.claim(flow_id, "x", 10, max_lapses=max_lapses)
+    with store.engine.connect() as conn:
+        lapses, error = conn.execute(
+            select(flows.c.lapses, flows.c.error).where(flows.c.id == flow_id)
+        ).one()
+    if not claimable:
+        assert not isinstance(got, Claimed) and got.reason != "parked"
+        assert lapses == row["lapses"]
+    elif life.parks(after, max_lapses):
+        assert got == NotClaimed("parked")
+        assert store.get_flow(flow_id, details=False).status == "failed"
+        assert error == life.crash_loop_error(after)
+    else:
+        assert isinstance(got, Claimed) and lapses == after
+
+
+storable_text = st.text(
+    alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
+    max_size=40,
+)
+
+
+@CASES
+@given(
+    seq=st.integers(0, 3),
+    previous=st.one_of(
+        st.none(), st.just(""), st.text("0123456789abcdef", min_size=64, max_size=64)
+    ),
+    kind=st.sampled_from(["step", "task", "wait"]),
+    name=storable_text.filter(bool),
+    occurrence=st.integers(0, 3),
+    result=storable_text,
+)
+def test_the_step_commit_chains_the_digest_as_the_python_rule(
+    store: SqlStore,
+    seq: int,
+    previous: str | None,
+    kind: str,
+    name: str,
+    occurrence: int,
+    result: str,
+) -> None:
+    row = {
+        "status": "running",
+        "wake_kind": None,
+        "wake_at": None,
+        "lease_owner": "w",
+        "lease_until": NOW,
+        "waiting_on": None,
+        "epoch": 1,
+        "cancel_reason": None,
+        "lapses": 2,
+    }
+    (flow_id,) = _load(store.engine, [row])
+    with store.engine.begin() as conn:
+        conn.execute(
+            flows.update()
+            .where(flows.c.id == flow_id)
+            .values(next_seq=seq, history_digest=previous)
+        )
+    cp = Checkpoint(seq, kind, name, occurrence, result)
+    want = life.next_digest(previous, seq, kind, name, occurrence, result)
+    with store.engine.connect() as conn:
+        # The expression the signal and child-task paths use on Postgres.
+        cp_hex = life.cp_digest(seq, kind, name, occurrence, result)
+        expr = rules.next_digest(seq, cp_hex)
+        assert conn.execute(select(expr).where(flows.c.id == flow_id)).scalar() == want
+    store.commit_checkpoint(Lease(flow_id, "w", 1), cp, started_at=NOW, attempts=1, ttl=10)
+    with store.engine.connect() as conn:
+        digest, lapses = conn.execute(
+            select(flows.c.history_digest, flows.c.lapses).where(flows.c.id == flow_id)
+        ).one()
+    assert digest == want
+    assert lapses == 0

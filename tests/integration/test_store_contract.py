@@ -11,6 +11,7 @@ from typing import Generic, Protocol
 import pytest
 
 from crux_workers import FlowAlreadyFinished, FlowNotFound, FlowNotWaiting
+from crux_workers._store import _lifecycle as life
 from crux_workers._store._memory import MemoryStore
 from crux_workers._store._migrate import upgrade
 from crux_workers._store._sql import SqlStore
@@ -21,6 +22,7 @@ from crux_workers._store._types import (
     FlowFilter,
     FlowPage,
     Lease,
+    NotClaimed,
     Suspension,
     SweepResult,
     TaskError,
@@ -339,6 +341,11 @@ def test_a_child_is_sent_once_resent_when_stale_and_its_outcome_wakes_the_flow(
     again = s.take_task_or_send(_claim(s, "f"), point, 10)
     assert isinstance(again, TaskSend) and again.task_id == send.task_id
     assert s.complete_task("crux:nope:0:1", result="1", error=None) is None
+    # The id without its secret part (all a forger who knows the flow id can make) and
+    # the id with another secret are refused; the flow is not woken.
+    assert s.complete_task(send.task_id.rsplit(":", 1)[0], result="1", error=None) is None
+    assert s.complete_task(send.task_id[:-32] + "0" * 32, result="1", error=None) is None
+    assert s.get_flow("f", details=False).wake_kind == "task"
     assert s.complete_task(send.task_id, result='"done"', error=None) == ("demo", "f")
     assert s.complete_task(send.task_id, result='"late"', error=None) is None  # first stands
     assert s.get_flow("f", details=False).wake_kind == "run"
@@ -549,6 +556,86 @@ def test_metrics_snapshot_counts_flows_waits_and_the_due_backlog(
     assert (started.woke_at, started.woke_by, started.runs) == (first, "run", 1)
 
 
+def test_purge_rejected_deletes_refused_messages_received_before_the_cutoff(
+    store: tuple[CruxStore, Clock],
+) -> None:
+    s, clock = store
+    old = s.record_rejected("bad_json", "x", "{")
+    clock.now += timedelta(seconds=10)
+    new = s.record_rejected("bad_json", "y", "[")
+    assert s.purge_rejected(clock() - timedelta(seconds=10)) == 0  # received at, not before
+    assert s.purge_rejected(clock()) == 1
+    assert [r.id for r in s.list_rejected()] == [new]
+    assert old != new and s.purge_rejected(clock()) == 0
+
+
+def _lapse(s: CruxStore, clock: Clock, flow_id: str, max_lapses: int | None = 3) -> object:
+    """Let the current lease run out, then claim again (the previous holder died)."""
+    clock.now += timedelta(seconds=11)
+    return s.claim(flow_id, "w", 10, max_lapses=max_lapses)
+
+
+def test_a_flow_whose_executions_keep_dying_is_parked_failed(
+    store: tuple[CruxStore, Clock],
+) -> None:
+    s, clock = store
+    s.create_flow("f", "demo", "{}")
+    _claim(s, "f")
+    # A takeover of a lapsed lease counts; progress (a checkpoint) starts again.
+    assert isinstance(_lapse(s, clock, "f"), Claimed)
+    got = _lapse(s, clock, "f")
+    assert isinstance(got, Claimed)
+    s.commit_checkpoint(got.lease, _cp(0), started_at=clock(), attempts=1, ttl=10)
+    # A release (the lease given back) is no lapse; neither is a suspend.
+    s.release(got.lease)
+    again = s.claim("f", "after-release", 10, max_lapses=1)
+    assert isinstance(again, Claimed), again
+    s.suspend_until(again.lease, clock() + timedelta(seconds=1), "sleep")
+    clock.now += timedelta(seconds=2)
+    _claim(s, "f")
+    assert isinstance(_lapse(s, clock, "f"), Claimed)  # lapse 1
+    assert isinstance(_lapse(s, clock, "f"), Claimed)  # lapse 2
+    assert _lapse(s, clock, "f") == NotClaimed("parked")  # the third in a row parks it
+    row = s.get_flow("f", details=False)
+    assert row.status == "failed" and row.finished_at == clock()
+    assert row.error is not None and "CrashLoop" in row.error and "3 executions" in row.error
+    assert s.claim("f", "w", 10, max_lapses=3) == NotClaimed("finished")
+    # Without a limit a lapse never parks.
+    s.create_flow("g", "demo", "{}")
+    _claim(s, "g")
+    assert all(isinstance(_lapse(s, clock, "g", None), Claimed) for _ in range(6))
+
+
+def test_the_claim_returns_the_chained_digest_of_every_checkpoint(
+    store: tuple[CruxStore, Clock],
+) -> None:
+    s, clock = store
+    s.create_flow("f", "demo", "{}")
+    first = s.claim("f", "w", 10)
+    assert isinstance(first, Claimed) and first.history_digest is None
+    lease = first.lease
+    s.commit_checkpoint(
+        lease, _cp(0, result='"caf\u00e9 \\ud800"'), started_at=clock(), attempts=1, ttl=10
+    )
+    s.take_signal_or_suspend(lease, Suspension(1, "go", 0, None), accept, 10)
+    s.record_signal("f", "go", '{"ok":true}', None)
+    lease = _claim(s, "f")
+    got = s.take_signal_or_suspend(lease, Suspension(1, "go", 0, None), accept, 10)
+    assert isinstance(got, Checkpoint)
+    send = s.take_task_or_send(lease, _task(2), 10)
+    assert isinstance(send, TaskSend)
+    s.complete_task(send.task_id, result="[1]", error=None)
+    lease = _claim(s, "f")
+    assert isinstance(s.take_task_or_send(lease, _task(2), 10), Checkpoint)
+    s.release(lease)
+    claimed = s.claim("f", "w", 10)
+    assert isinstance(claimed, Claimed) and claimed.next_seq == 3
+    digest: str | None = None
+    for cp in s.load_checkpoints("f"):
+        digest = life.next_digest(digest, cp.seq, cp.kind, cp.name, cp.occurrence, cp.result)
+    assert claimed.history_digest == digest and digest is not None and len(digest) == 64
+
+
 def test_close_releases_connections_and_the_record_stays(store: tuple[CruxStore, Clock]) -> None:
     s, clock = store
     s.create_flow("f", "demo", "{}")
@@ -730,6 +817,7 @@ def test_purge_takes_every_table_and_old_refusals(store: tuple[CruxStore, Clock]
     clock.now += timedelta(seconds=10)
     kept = s.record_rejected("bad_json", "new", "{")
     assert s.purge_finished(clock()) == 1
+    assert s.purge_rejected(clock()) == 1
     assert [r.id for r in s.list_rejected()] == [kept]
     if isinstance(s, SqlStore):
         with s.engine.connect() as conn:
@@ -770,6 +858,7 @@ EXERCISED = {
     "overview",
     "purge_finished",
     "waiting",
+    "purge_rejected",
     "record_rejected",
     "list_rejected",
     "metrics_snapshot",

@@ -111,6 +111,8 @@ def test_public_names_are_pinned() -> None:
         [
             "AsyncFlowContext",
             "ConfigurationError",
+            "CrashLoop",
+            "RecordRefused",
             "Crux",
             "CruxError",
             "DuplicateFlowName",

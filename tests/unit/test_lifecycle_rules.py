@@ -76,7 +76,8 @@ def _imports(path: Path) -> set[str]:
 
 
 def test_the_rules_import_only_the_standard_library() -> None:
-    assert _imports(STORE / "_lifecycle.py") <= {"__future__", "enum", "datetime", "typing"}
+    stdlib = {"__future__", "enum", "datetime", "typing", "hashlib", "json", "logging", "secrets"}
+    assert _imports(STORE / "_lifecycle.py") <= stdlib
 
 
 def test_the_memory_store_imports_neither_sql_nor_sqlalchemy() -> None:
@@ -170,5 +171,9 @@ def test_the_fence_and_child_attempts() -> None:
     assert life.sends_new_attempt("failed", 1, 2) and not life.sends_new_attempt("failed", 2, 2)
     assert not life.sends_new_attempt("pending", 1, 2)
     assert life.task_send_stale(at(-30), 30, NOW) and not life.task_send_stale(at(-29), 30, NOW)
-    assert life.task_id_for("f", 3, 2) == "crux:f:3:2"
+    assert life.task_id_for("f", 3, 2, "ab" * 16) == "crux:f:3:2:" + "ab" * 16
+    one, two = life.task_id_for("f:x", 3, 2), life.task_id_for("f:x", 3, 2)
+    assert one != two and len(one.rsplit(":", 1)[1]) == 32, "each send's secret is fresh"
+    assert life.flow_of_task_id(one) == "f:x" and life.flow_of_task_id("crux:f:1:1") == "f"
+    assert life.flow_of_task_id("crux:1") is None and life.flow_of_task_id("celery-x") is None
     assert life.task_outcome(None) == "succeeded" and life.task_outcome("{}") == "failed"

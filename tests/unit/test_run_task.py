@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,7 @@ def test_the_child_is_sent_once_and_its_result_resumes_the_flow(h: Harness) -> N
     h.drain()
     assert len(sent.calls) == 1
     task_id, call = sent.calls[0]
-    assert task_id == f"crux:{run.flow_id}:0:1"
+    assert re.fullmatch(rf"crux:{run.flow_id}:0:1:[0-9a-f]{{32}}", task_id), task_id
     assert call == {"task": "svc.plan", "args": ["topic"], "kwargs": {"words": 300}, "options": {}}
     state = run.state()
     assert (state.status, state.waiting_on, state.wake_kind) == ("suspended", "task:plan", "task")
@@ -67,6 +68,8 @@ def test_the_child_is_sent_once_and_its_result_resumes_the_flow(h: Harness) -> N
     # A second outcome for the same child (it was resent and ran twice) changes nothing.
     assert not h.app.complete_task(task_id, result="late")
     assert not h.app.complete_task("crux:nope:0:1", result=1)
+    # The predictable part alone (what anyone who knows the flow id could send) is refused.
+    assert not h.app.complete_task(f"crux:{run.flow_id}:0:1", result=1)
     assert not h.app.complete_task("not-ours", result=1)
     assert len(sent.calls) == 1
 
@@ -81,7 +84,10 @@ def test_a_failed_child_follows_the_retry_policy(h: Harness) -> None:
     assert (state.status, state.wake_kind) == ("suspended", "retry")
     assert [e.message for e in state.step_errors] == ["planner down"]
     h.tick(5)
-    assert [t for t, _ in sent.calls] == [f"crux:{run.flow_id}:0:1", f"crux:{run.flow_id}:0:2"]
+    first, second = (t for t, _ in sent.calls)
+    assert first.startswith(f"crux:{run.flow_id}:0:1:") and second.startswith(
+        f"crux:{run.flow_id}:0:2:"
+    )
     # The first attempt's outcome arriving late is ignored: only attempt 2 counts now.
     assert not h.app.complete_task(sent.calls[0][0], result="stale")
     h.app.complete_task(sent.calls[1][0], result="plan B")
@@ -110,7 +116,9 @@ def test_a_child_whose_outcome_is_lost_is_sent_again_by_the_sweeper(h: Harness) 
     h.tick(300)
     assert len(sent.calls) == 1
     h.tick(301)
-    assert [t for t, _ in sent.calls] == [f"crux:{run.flow_id}:0:1"] * 2
+    # The resend keeps the id (and its secret) of the attempt it repeats.
+    assert len(sent.calls) == 2 and sent.calls[0][0] == sent.calls[1][0]
+    assert sent.calls[0][0].startswith(f"crux:{run.flow_id}:0:1:")
     h.app.complete_task(sent.calls[1][0], result="second time lucky")
     h.drain()
     outcome = run.outcome()

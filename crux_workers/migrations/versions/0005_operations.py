@@ -1,7 +1,7 @@
 """Operations: signal schemas checked at send, forks, retries.
 
 Revision ID: 0005
-Revises: 0003
+Revises: 0004
 Create Date: 2026-12-02
 """
 
@@ -9,8 +9,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0005"
-# 0004 (branch trust) is not on main yet: chain after it when both are merged.
-down_revision = "0003"
+down_revision = "0004"
 branch_labels = None
 depends_on = None
 
