@@ -14,7 +14,6 @@ import random
 import socket
 import threading
 import time
-import traceback
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -27,9 +26,10 @@ from pydantic import BaseModel, ValidationError
 from . import _json
 from ._context import FlowContext
 from ._context_async import AsyncFlowContext
+from ._failure import error_json
 from ._keeper import keeper
 from ._loop import flow_loop
-from ._models import ErrorInfo, Retry
+from ._models import Retry
 from ._observe import Claim, NoObserver, Observer
 from ._store._lifecycle import loggable_task_id, next_digest
 from ._store._types import (
@@ -91,52 +91,6 @@ class Advance:
     retry_after: float | None = None
     steps_run: int = 0
     wake_in: float | None = None
-
-
-_MAX_MESSAGE = 10_000
-_MAX_TRACEBACK = 50_000
-
-
-def _text(value: str, limit: int) -> str:
-    # What the record can always hold: no NUL, no lone surrogate, bounded. Recording an
-    # error must not fail, or the flow would be retried as if the record were down.
-    value = _json.safe_text(value)
-    return value if len(value) <= limit else value[:limit] + f"... [{len(value) - limit} more]"
-
-
-def _safely(render: Callable[[], str]) -> str:
-    try:
-        return render()
-    except Exception as exc:  # a user exception whose __str__ itself raises
-        return f"<unprintable: {type(exc).__name__} while rendering the error>"
-
-
-def error_json(exc: BaseException, *, step: str | None = None) -> str:
-    """The recorded form of an error: type, message, traceback, structured details."""
-    if isinstance(exc, StepFailed):
-        info = ErrorInfo(
-            type=_text(exc.error_type, 500),
-            message=_text(exc.error_message, _MAX_MESSAGE),
-            traceback=_text(exc.traceback, _MAX_TRACEBACK),
-            step=None if exc.step is None else _text(exc.step, 500),
-            details={"attempt": exc.attempt},
-        )
-    else:
-        details = {
-            k: _text(v, _MAX_MESSAGE) if isinstance(v, str) else v
-            for k, v in getattr(exc, "_attrs", {}).items()
-            if isinstance(v, str | int | float | bool | type(None))
-        }
-        info = ErrorInfo(
-            type=_text(f"{type(exc).__module__}.{type(exc).__qualname__}", 500),
-            message=_text(_safely(lambda: str(exc)), _MAX_MESSAGE),
-            traceback=_text(
-                _safely(lambda: "".join(traceback.format_exception(exc))), _MAX_TRACEBACK
-            ),
-            step=None if step is None else _text(step, 500),
-            details=details,
-        )
-    return info.model_dump_json()
 
 
 class Execution:

@@ -15,7 +15,8 @@ from typing import Any
 
 from . import _json
 from ._client import Client, Services, enqueue_quietly
-from ._engine import Advance, Engine, error_json
+from ._engine import Advance, Engine
+from ._failure import error_json
 from ._ids import valid_id
 from ._models import ErrorInfo
 from ._observe import Observers

@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import unquote, urlsplit
 
-from pydantic import BeforeValidator, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BeforeValidator,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from ._durations import parse_duration
@@ -122,16 +129,29 @@ class Settings(BaseSettings):
     embedded_threads: int = Field(default=4, ge=1, le=64, description="embedded executor threads")
     auto_migrate: bool = Field(default=True, description="bring the schema to head on first use")
     # -- remote control and health (docs/security.md) ------------------------------------
-    remote_control: bool = Field(
-        default=False,
-        description="Celery remote control (celery inspect, Flower's worker pages): any "
-        "broker client may then also shut workers down",
+    remote_control: Literal["off", "inspect", "full"] = Field(
+        default="inspect",
+        description="Celery remote control: inspect (the default: celery inspect and "
+        "Flower can read, no broker client can shut a worker down or change it), full "
+        "(every command, e.g. Flower's pool and shutdown buttons), off (no mailbox at all)",
     )
     health_file: str | None = Field(
         default=None,
         description="file a worker touches every few seconds while it consumes; read by "
         "`crux-workers health`",
     )
+
+    @field_validator("remote_control", mode="before")
+    @classmethod
+    def _remote_control(cls, value: Any) -> Any:
+        # Booleans as earlier releases took them: true was every command, false none.
+        if isinstance(value, bool):
+            return "full" if value else "off"
+        if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "on"):
+            return "full"
+        if isinstance(value, str) and value.strip().lower() in ("false", "0", "no"):
+            return "off"
+        return value
 
     def __init__(self, **values: Any) -> None:
         try:

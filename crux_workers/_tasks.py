@@ -196,9 +196,11 @@ def make_celery(s: Settings, runtime: Runtime, registry: FlowRegistry) -> Celery
         worker_consumer="crux_workers._tasks:SafeConsumer",
         crux_max_message_bytes=s.worker_max_message_bytes,  # read by SafeConsumer
     )
-    # -- trust boundary (docs/security.md): no remote control unless asked for; the
-    # health checks read a heartbeat file instead of pinging over the broker.
-    app.conf.worker_enable_remote_control = s.remote_control
+    # -- trust boundary (docs/security.md): remote control answers questions but takes no
+    # orders unless asked to; the health checks read a heartbeat file, not the broker.
+    app.conf.worker_enable_remote_control = s.remote_control != "off"
+    if s.remote_control == "inspect":
+        app.steps["consumer"].add(ReadOnlyControl)
     if s.health_file:
         app.steps["consumer"].add(heartbeat_step(s.health_file))
     # -- end trust boundary
@@ -377,3 +379,49 @@ def heartbeat_step(path: str) -> type[bootsteps.StartStopStep]:
             self.heartbeat.stop()
 
     return HeartbeatStep
+
+
+# What remote control may ask in "inspect" mode: Celery's read-only commands (less the
+# heavy or revealing ones: memory dumps, the configuration), the worker-to-worker
+# greetings, and turning events on and off for Flower. Never shutdown, pool changes,
+# revokes, rate or time limits, consumers.
+_INSPECT_ONLY = frozenset(
+    {
+        "active",
+        "active_queues",
+        "clock",
+        "hello",
+        "ping",
+        "query_task",
+        "registered",
+        "report",
+        "reserved",
+        "revoked",
+        "scheduled",
+        "stats",
+        "heartbeat",
+        "election",
+        "enable_events",
+        "disable_events",
+    }
+)
+
+
+class ReadOnlyControl(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Keeps the worker's mailbox (Flower and ``celery inspect`` can read) but refuses
+    every command that changes or stops the worker.
+
+    The mailbox also matters for reconnection: on the Redis transport, a worker without
+    one did not notice a broker restart and stopped consuming for good (found by
+    tests/faults/test_servers_down.py), so "inspect", not "off", is the default.
+    """
+
+    requires = ("celery.worker.consumer.control:Control",)
+
+    def start(self, parent: Any) -> None:
+        """Narrow the mailbox's handlers to the read-only commands."""
+        control = parent.blueprint.steps.get("celery.worker.consumer.control.Control")
+        node = getattr(getattr(control, "box", None), "node", None)
+        if node is None:
+            return
+        node.handlers = {k: v for k, v in node.handlers.items() if k in _INSPECT_ONLY}

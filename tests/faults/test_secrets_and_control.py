@@ -1,7 +1,8 @@
 """Issue 11, defects 2, 8 and 11: remote control, leaked secrets, weak secrets at start.
 
 - A plain broker client's ``broadcast("shutdown")`` must not stop a worker (remote
-  control is off unless ``CRUX_REMOTE_CONTROL=true``); health comes from a heartbeat file.
+  control only answers questions unless ``CRUX_REMOTE_CONTROL=full``); health comes from
+  a heartbeat file.
 - No settings error, ``repr``, ``redact()`` or ``crux-workers dev`` line prints a password
   or the signal secret.
 - A placeholder or short signal secret is refused at start, without printing it.
@@ -73,7 +74,12 @@ def test_shutdown_broadcast_from_a_broker_client_leaves_the_worker_running(
         while worker.proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.1)
         assert worker.proc.poll() is None, f"the broadcast stopped the worker:\n{worker.tail()}"
-        assert fleet.app.celery.control.ping(timeout=1.0) == [], "a worker answers remote control"
+        # Orders that change the worker are refused too; questions are answered (Flower,
+        # celery inspect), so the refusals above are not just an absent mailbox.
+        refused = fleet.app.celery.control.pool_shrink(1, reply=True, timeout=2.0)
+        assert refused and all("error" in next(iter(r.values())) for r in refused), refused
+        assert fleet.app.celery.control.ping(timeout=2.0), "inspect mode answers a ping"
+        assert "KeyError('shutdown')" in worker.log.read_text()  # refused, logged
     finally:
         attacker.close()
 
@@ -84,15 +90,17 @@ def test_shutdown_broadcast_from_a_broker_client_leaves_the_worker_running(
 
 
 def test_remote_control_is_there_when_turned_on(fleet: FaultFleet) -> None:
-    # The opt-in (for Flower or `celery inspect`) works, so the test above is not vacuous.
-    fleet.env["CRUX_REMOTE_CONTROL"] = "true"
+    # The opt-in (for Flower's buttons) works, so the test above is not vacuous.
+    fleet.env["CRUX_REMOTE_CONTROL"] = "full"
     worker = fleet.worker("rc")
     control = fleet.app.celery.control
     deadline = time.monotonic() + 20
     replies: list[object] = []
     while not replies and time.monotonic() < deadline:
         replies = control.ping(timeout=1.0)
-    assert replies, f"no reply to a ping with CRUX_REMOTE_CONTROL=true\n{worker.tail()}"
+    assert replies, f"no reply to a ping with CRUX_REMOTE_CONTROL=full\n{worker.tail()}"
+    shrunk = control.pool_shrink(1, reply=True, timeout=2.0)
+    assert shrunk and "ok" in next(iter(shrunk[0].values())), shrunk
 
 
 def test_health_command_follows_the_worker_heartbeat(fleet: FaultFleet, tmp_path: Path) -> None:

@@ -328,8 +328,10 @@ def test_compose_migrate_worker_and_beat_run_the_onboarding_flow(stack: Stack) -
             health, cwd=REPO, env=worker_env, capture_output=True, text=True, timeout=timeout
         )
         assert done.returncode == 0, done.stdout + done.stderr
-        # No remote control: the worker answers no ping (nor a shutdown broadcast).
-        assert app.celery.control.ping(timeout=1.0) == []
+        # Remote control as shipped: questions answered, orders refused.
+        assert app.celery.control.ping(timeout=2.0)
+        refused = app.celery.control.pool_shrink(1, reply=True, timeout=2.0)
+        assert refused and all("error" in next(iter(r.values())) for r in refused), refused
 
         # `docker stop`: SIGTERM, a warm shutdown within the grace period.
         for name in ("worker", "beat"):
@@ -543,8 +545,9 @@ def test_compose_settings_are_known_and_their_defaults_match_the_code() -> None:
             assert parsed == getattr(defaults, field), key
     grace = parse_duration(services["worker"]["stop_grace_period"])
     assert grace < Settings(visibility_timeout=env["CRUX_VISIBILITY_TIMEOUT"]).visibility_timeout
-    # Shipped safe: no remote control, and a health check that does not need it.
-    assert Settings(**settings_kwargs(env)).remote_control is False
+    # Shipped safe: remote control answers questions, takes no orders, and the health
+    # check does not need it.
+    assert Settings(**settings_kwargs(env)).remote_control == "inspect"
     assert services["worker"]["healthcheck"]["test"][1:3] == ["crux-workers", "health"]
     assert env["CRUX_HEALTH_FILE"].startswith("/tmp/")
 
@@ -658,8 +661,8 @@ def test_kubernetes_manifests_are_consistent() -> None:
         "CRUX_SIGNAL_SECRET",
     }
     assert not [k for k in config if "PASSWORD" in k or "SECRET" in k or "_URL" in k]
-    # Shipped safe: no remote control; the probes read the heartbeat file instead.
-    assert settings.remote_control is False and config["CRUX_REMOTE_CONTROL"] == "false"
+    # Shipped safe: remote control takes no orders; the probes read the heartbeat file.
+    assert settings.remote_control == "inspect" and config["CRUX_REMOTE_CONTROL"] == "inspect"
     assert (settings.health_file or "").startswith("/tmp/")
     # Every Redis URL logs in as the fleet's user of that server's ACL file.
     acl = _by_kind(docs, "Secret")["crux-redis-acl"]["stringData"]
