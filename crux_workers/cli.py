@@ -18,6 +18,7 @@ from ._cli_check import check
 from ._cli_flows import flows
 from ._cli_health import health
 from ._cli_ops import retry  # noqa: F401  (registers flows retry, fork, waiting)
+from ._cli_ui import ui
 from ._settings import Settings, redact
 from .errors import CruxError
 from .ops._cli import commands as ops_commands
@@ -210,6 +211,7 @@ def _dev_fleet(imports: tuple[str, ...], concurrency: int) -> None:
 main.add_command(flows)
 main.add_command(health)
 main.add_command(check)
+main.add_command(ui)
 
 
 @main.group()

@@ -19,6 +19,9 @@ missing=()
 command -v python3 >/dev/null || missing+=(python3)
 python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
 command -v redis-server >/dev/null || missing+=(redis-server)
+# The console's browser tests drive Debian's headless Chromium through its driver.
+command -v chromium >/dev/null || missing+=(chromium)
+command -v chromedriver >/dev/null || missing+=(chromium-driver)
 if [ ! -x "$PG_BIN/initdb" ] || [ ! -x "$PG_BIN/pg_ctl" ]; then missing+=(postgresql-15); fi
 if [ "${#missing[@]}" -gt 0 ]; then
     is_root || die "missing ${missing[*]}; install them (apt-get install ${missing[*]}) or run as root"

@@ -39,10 +39,12 @@ from ._types import (
     Claimed,
     CruxStore,
     FlowFilter,
+    FlowPage,
     FlowRow,
     Lease,
     MetricsSnapshot,
     NotClaimed,
+    RecordOverview,
     RejectedRow,
     SchemaCheck,
     SignalResult,
@@ -464,6 +466,14 @@ class MemoryStore:
     def list_flows(self, where: FlowFilter) -> list[FlowRow]:
         """Flows matching ``where``, newest first, without steps or signals."""
         return self._admin.list_flows(where)
+
+    def page_flows(self, page: FlowPage) -> list[FlowRow]:
+        """One page of flows matching ``page``, newest first, without steps or signals."""
+        return self._admin.page_flows(page)
+
+    def overview(self) -> RecordOverview:
+        """Flow counts by status, the due backlog and the last sweep, in one read."""
+        return self._admin.overview()
 
     def purge_finished(self, before: datetime) -> int:
         """Delete finished flows (all their rows), and refused messages, from before ``before``."""

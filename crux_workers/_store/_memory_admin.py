@@ -6,13 +6,15 @@ from datetime import datetime
 
 from .._json import safe_text
 from . import _lifecycle as life
-from ._memory_state import MemoryState, flow_row
+from ._memory_state import MemoryFlow, MemoryState, flow_row
 from ._metrics import ActiveGroup, reduce
 from ._text import clip
 from ._types import (
     FlowFilter,
+    FlowPage,
     FlowRow,
     MetricsSnapshot,
+    RecordOverview,
     RejectedRow,
     WaitRow,
     merge_waits,
@@ -38,6 +40,40 @@ class MemoryAdmin:
             ]
             found.sort(key=lambda f: (-f.created_at.timestamp(), f.id))
             return [flow_row(f, details=False) for f in found[: where.limit]]
+
+    def page_flows(self, page: FlowPage) -> list[FlowRow]:
+        """One page of flows matching ``page``, newest first, without steps or signals."""
+
+        def wanted(f: MemoryFlow) -> bool:
+            if page.after is not None:
+                at, last_id = page.after
+                if f.created_at > at or (f.created_at == at and f.id >= last_id):
+                    return False
+            return (
+                (page.status is None or f.status == page.status)
+                and (page.name is None or f.name == page.name)
+                and (page.waiting_on is None or f.waiting_on == page.waiting_on)
+                and (not page.id_prefix or f.id.startswith(page.id_prefix))
+                and (page.created_from is None or f.created_at >= page.created_from)
+                and (page.created_to is None or f.created_at < page.created_to)
+            )
+
+        with self._s.lock:
+            found = [f for f in self._s.flows.values() if wanted(f)]
+            found.sort(key=lambda f: (f.created_at, f.id), reverse=True)
+            return [flow_row(f, details=False) for f in found[: page.limit]]
+
+    def overview(self) -> RecordOverview:
+        """Flow counts by status and the due backlog; the memory store keeps no sweep times."""
+        with self._s.lock:
+            now = self._s.now()
+            counts: dict[str, int] = {}
+            due: list[datetime] = []
+            for f in self._s.flows.values():
+                counts[f.status] = counts.get(f.status, 0) + 1
+                if f.status in life.ACTIVE and f.wake_at is not None and f.wake_at <= now:
+                    due.append(f.wake_at)
+            return RecordOverview(counts, len(due), min(due, default=None), None, now)
 
     def purge_finished(self, before: datetime) -> int:
         """Delete finished flows (all their rows) that ended before ``before``; how many."""

@@ -62,6 +62,9 @@ flows = Table(
     Index("ix_crux_flows_status", "status"),
     Index("ix_crux_flows_wake_at", "wake_at"),
     Index("ix_crux_flows_status_lease", "status", "lease_until"),
+    # The console's keyset pages, newest first (migration 0006).
+    Index("ix_crux_flows_created", "created_at", "id"),
+    Index("ix_crux_flows_status_created", "status", "created_at", "id"),
 )
 
 steps = Table(

@@ -34,10 +34,12 @@ from ._types import (
     Claimed,
     CruxStore,
     FlowFilter,
+    FlowPage,
     FlowRow,
     Lease,
     MetricsSnapshot,
     NotClaimed,
+    RecordOverview,
     RejectedRow,
     SchemaCheck,
     SignalResult,
@@ -211,6 +213,14 @@ class SqlStore:
     def list_flows(self, where: FlowFilter) -> list[FlowRow]:
         """Flows matching ``where``, newest first, without steps or signals."""
         return self._admin.list_flows(where)
+
+    def page_flows(self, page: FlowPage) -> list[FlowRow]:
+        """One page of flows matching ``page``, newest first, without steps or signals."""
+        return self._admin.page_flows(page)
+
+    def overview(self) -> RecordOverview:
+        """Flow counts by status, the due backlog and the last sweep, in one read."""
+        return self._admin.overview()
 
     def purge_finished(self, before: datetime) -> int:
         """Delete finished flows (all their rows), and refused messages, from before ``before``."""

@@ -31,8 +31,10 @@ from ._sql_db import SqlDb
 from ._text import clip
 from ._types import (
     FlowFilter,
+    FlowPage,
     FlowRow,
     MetricsSnapshot,
+    RecordOverview,
     RejectedRow,
     WaitRow,
     merge_waits,
@@ -60,6 +62,47 @@ class SqlAdmin:
             query = query.where(c.waiting_on == where.waiting_on)
         with self._db.tx() as conn:
             return [self._db.flow_row(r) for r in conn.execute(query).all()]
+
+    def page_flows(self, page: FlowPage) -> list[FlowRow]:
+        """One page of flows matching ``page``, newest first, without steps or signals."""
+        c = flows.c
+        # Both keys descending, so the (created_at, id) indexes serve the page as they are.
+        query = select(flows).order_by(c.created_at.desc(), c.id.desc()).limit(page.limit)
+        for column, value in (
+            (c.status, page.status),
+            (c.name, page.name),
+            (c.waiting_on, page.waiting_on),
+        ):
+            if value is not None:
+                query = query.where(column == value)
+        if page.id_prefix:
+            query = query.where(c.id.startswith(page.id_prefix, autoescape=True))
+        if page.created_from is not None:
+            query = query.where(c.created_at >= page.created_from)
+        if page.created_to is not None:
+            query = query.where(c.created_at < page.created_to)
+        if page.after is not None:
+            at, last_id = page.after
+            query = query.where(or_(c.created_at < at, and_(c.created_at == at, c.id < last_id)))
+        with self._db.tx() as conn:
+            return [self._db.flow_row(r) for r in conn.execute(query).all()]
+
+    def overview(self) -> RecordOverview:
+        """Flow counts by status, the due backlog and the last sweep, in one read."""
+        c = flows.c
+        now = self._db.now()
+        with self._db.tx() as conn:
+            counts = {
+                str(status): int(n)
+                for status, n in conn.execute(select(c.status, func.count()).group_by(c.status))
+            }
+            due, oldest = conn.execute(
+                select(func.count(), func.min(c.wake_at)).where(
+                    c.status.in_(ACTIVE), c.wake_at <= now
+                )
+            ).one()
+            last = conn.execute(select(func.max(sweeps.c.swept_at))).scalar()
+        return RecordOverview(counts, int(due), aware(oldest), aware(last), now)
 
     def purge_finished(self, before: datetime) -> int:
         """Delete finished flows (all their rows) that ended before ``before``; how many."""

@@ -217,6 +217,42 @@ class FlowFilter:
 
 
 @dataclass(frozen=True, slots=True)
+class FlowPage:
+    """One page of ``page_flows``: a filter, newest first (ties: greater id first).
+
+    ``after`` is the ``(created_at, id)`` of the previous page's last row: the page
+    starts strictly after it, so page 1000 costs what page 1 does. ``id_prefix``
+    matches flow ids that start with it; ``created_from``/``created_to`` bound the
+    creation time (inclusive, exclusive).
+    """
+
+    status: str | None = None
+    name: str | None = None
+    waiting_on: str | None = None
+    id_prefix: str | None = None
+    created_from: datetime | None = None
+    created_to: datetime | None = None
+    after: tuple[datetime, str] | None = None
+    limit: int = 50
+
+
+@dataclass(frozen=True, slots=True)
+class RecordOverview:
+    """What the operator's front page shows of the whole record, read at ``now``.
+
+    ``due`` counts active flows whose wake time has come (the sweeper's backlog),
+    ``oldest_due`` is the earliest such wake time, ``last_sweep`` the last sweep
+    tick taken (None where the store keeps no sweep times).
+    """
+
+    counts: dict[str, int]
+    due: int
+    oldest_due: datetime | None
+    last_sweep: datetime | None
+    now: datetime
+
+
+@dataclass(frozen=True, slots=True)
 class WaitRow:
     """Suspended flows of one name that wait on the same thing, counted."""
 
@@ -469,6 +505,14 @@ class AdminStore(Protocol):
 
     def list_flows(self, where: FlowFilter) -> list[FlowRow]:
         """Flows matching ``where``, newest first, without steps or signals."""
+        ...
+
+    def page_flows(self, page: FlowPage) -> list[FlowRow]:
+        """One page of flows matching ``page``, newest first, without steps or signals."""
+        ...
+
+    def overview(self) -> RecordOverview:
+        """Flow counts by status, the due backlog and the last sweep, in one read."""
         ...
 
     def purge_finished(self, before: datetime) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Generic, Protocol
@@ -19,6 +20,7 @@ from crux_workers._store._types import (
     Claimed,
     CruxStore,
     FlowFilter,
+    FlowPage,
     Lease,
     NotClaimed,
     Suspension,
@@ -428,6 +430,51 @@ def test_list_flows_filters_newest_first_and_purge_deletes_the_finished(
     assert s.purge_finished(clock()) == 0
 
 
+def test_page_flows_walks_the_filter_newest_first_by_keyset_and_overview_counts(
+    store: tuple[CruxStore, Clock],
+) -> None:
+    s, clock = store
+    start = clock()
+    # Two flows share each creation time: the id breaks the tie, so no page skips one.
+    for i in range(6):
+        s.create_flow(f"p{i}", "b" if i == 4 else "a", "{}")
+        if i % 2:
+            clock.now += timedelta(seconds=1)
+    s.create_flow("q_%", "a", "{}")
+    lease = _claim(s, "p1")
+    s.take_signal_or_suspend(lease, Suspension(0, "go", 0, None), accept, 10)
+
+    def walk(page: FlowPage) -> list[list[str]]:
+        pages, after = [], None
+        while True:
+            rows = s.page_flows(replace(page, after=after))
+            if not rows:
+                return pages
+            pages.append([r.id for r in rows])
+            after = (rows[-1].created_at, rows[-1].id)
+
+    everything = [["q_%", "p5", "p4"], ["p3", "p2", "p1"], ["p0"]]
+    assert walk(FlowPage(limit=3)) == everything
+    assert walk(FlowPage(limit=2, name="a")) == [["q_%", "p5"], ["p3", "p2"], ["p1", "p0"]]
+    assert walk(FlowPage(status="suspended", waiting_on="go")) == [["p1"]]
+    assert walk(FlowPage(id_prefix="q_")) == [["q_%"]]
+    assert walk(FlowPage(id_prefix="p_")) == []  # the prefix is literal, not a LIKE pattern
+    assert walk(FlowPage(created_from=start + timedelta(seconds=1))) == [
+        ["q_%", "p5", "p4", "p3", "p2"]
+    ]
+    assert walk(FlowPage(created_to=start + timedelta(seconds=1))) == [["p1", "p0"]]
+    assert all(not r.steps for r in s.page_flows(FlowPage()))
+
+    seen = s.overview()
+    assert seen.counts == {"pending": 6, "suspended": 1}
+    assert (seen.due, seen.oldest_due) == (6, start)  # pending flows are due at creation
+    assert seen.now == clock()
+    if not isinstance(s, MemoryStore):
+        assert seen.last_sweep is None
+        assert s.claim_tick(7)
+        assert s.overview().last_sweep == clock()
+
+
 def test_refused_messages_are_kept_newest_first_and_bounded(
     store: tuple[CruxStore, Clock],
 ) -> None:
@@ -808,6 +855,8 @@ EXERCISED = {
     "retry_flow",
     "fork_flow",
     "list_flows",
+    "page_flows",
+    "overview",
     "purge_finished",
     "waiting",
     "purge_rejected",
