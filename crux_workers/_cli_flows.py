@@ -279,7 +279,7 @@ def _json_arg(_ctx: click.Context, _param: click.Parameter, value: str) -> Any:
     except (ValueError, RecursionError) as exc:
         # JSONDecodeError, a 5000-digit integer (ValueError), nesting too deep: exit 2.
         shown = value if len(value) <= 80 else value[:80] + f"... ({len(value)} chars)"
-        raise click.BadParameter(f"not usable JSON ({str(exc)[:200]}): {shown!r}") from None
+        raise click.BadParameter(f"not valid JSON ({str(exc)[:200]}): {shown!r}") from None
     return parsed
 
 

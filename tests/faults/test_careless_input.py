@@ -259,5 +259,5 @@ def test_the_cli_refuses_unusable_json_with_exit_code_2_not_a_traceback(
         timeout=60,
     )
     assert done.returncode == 2, done
-    assert "Traceback" not in done.stderr and "not usable JSON" in done.stderr
+    assert "Traceback" not in done.stderr and "not valid JSON" in done.stderr
     assert len(done.stderr) < 2000, "the whole argument was echoed back"

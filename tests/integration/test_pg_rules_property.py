@@ -230,6 +230,7 @@ def test_the_one_statement_signal_checks_at_send_as_the_rule_says(
     assert len(recorded) == (0 if checks and not passes else 1)
 
 
+@CASES
 @given(row=flow_rows, max_lapses=st.sampled_from([None, 1, 2, 3, 5]))
 def test_the_claim_counts_lapses_and_parks_as_the_rules_say(
     store: SqlStore, row: dict[str, Any], max_lapses: int | None
