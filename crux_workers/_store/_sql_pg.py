@@ -26,6 +26,9 @@ from ._sql_db import SqlDb, lease_lost
 from ._sql_exec import SqlExecutor
 from ._types import Checkpoint, Lease, SchemaCheck, SignalResult
 
+# The row as it was before the claim (a self-join): built once, its columns proxied once.
+_WAS = flows.alias("was")
+
 
 class PgDb(SqlDb):
     """The plumbing on Postgres."""
@@ -65,7 +68,7 @@ class PgExecutor(SqlExecutor):
         self, conn: Connection, claim: Update, flow_id: str
     ) -> tuple[Any, Any, Any]:
         """The claim in one statement; a self-join returns the row as it was before it."""
-        was = flows.alias("was")
+        was = _WAS
         got = conn.execute(
             claim.where(was.c.id == flows.c.id).returning(
                 was.c.wake_at.label("woke_at"), was.c.wake_kind.label("woke_by")
