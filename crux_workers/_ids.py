@@ -12,6 +12,8 @@ def valid_id(value: object) -> bool:
     # Postgres text holds neither NUL nor lone surrogates (which json.loads can produce).
     if not isinstance(value, str) or not value or len(value) > MAX_ID or "\x00" in value:
         return False
+    if value.isascii():  # the common case, checked on every replayed checkpoint
+        return True
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
