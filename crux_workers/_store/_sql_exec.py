@@ -293,7 +293,7 @@ class SqlExecutor:
                     except ValueError as exc:
                         conn.execute(
                             update(signals)
-                            .where(s.id == sig.id)
+                            .where(s.flow_id == lease.flow_id, s.id == sig.id)  # one flow: routable
                             .values(
                                 status=SignalStatus.REJECTED,
                                 error=safe_text(str(exc)),
@@ -310,7 +310,7 @@ class SqlExecutor:
                     )
                     conn.execute(
                         update(signals)
-                        .where(s.id == sig.id)
+                        .where(s.flow_id == lease.flow_id, s.id == sig.id)  # one flow: routable
                         .values(
                             status=SignalStatus.CONSUMED,
                             consumed_seq=point.seq,
