@@ -15,14 +15,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from pydantic import BaseModel
 
 from ._client import Client, off_loop
-from ._engine import Advance, Engine, FlowDef, Handler
+from ._engine import Advance, Engine
 from ._flow import FlowHandle, FlowRun
 from ._ids import check_id
 from ._models import FlowState, SignalReceipt, WaitGroup
-from ._registry import FlowRegistry
+from ._registry import FlowDef, FlowRegistry, Handler
 from ._runtime import Runtime, SweepReport
 from ._settings import Settings, redact
-from ._store._types import CruxStore, StepCache
+from ._store._roles import CruxStore, StepCache
 from ._transport import (
     Dispatcher,
     DispatchingTransport,

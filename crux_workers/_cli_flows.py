@@ -363,21 +363,7 @@ def rejected(limit: int, as_json: bool) -> None:
     with operator_app() as app:
         rows = app.store.list_rejected(limit)
     if as_json:
-        _emit_json(
-            [
-                {
-                    "id": r.id,
-                    "reason": r.reason,
-                    "detail": r.detail,
-                    "flow_id": r.flow_id,
-                    "name": r.name,
-                    "key": r.key,
-                    "raw": r.raw,
-                    "received_at": r.received_at.isoformat(),
-                }
-                for r in rows
-            ]
-        )
+        _emit_json([r.as_json() for r in rows])
         return
     if not rows:
         click.echo("no refused messages")

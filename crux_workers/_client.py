@@ -32,7 +32,8 @@ from ._models import (
 )
 from ._schema_check import schema_errors
 from ._settings import Settings, redact
-from ._store._types import CruxStore, FlowFilter, FlowRow, StepCache
+from ._store._roles import CruxStore, StepCache
+from ._store._types import FlowFilter, FlowRow
 from ._transport import PublishedSignal, Transport
 from .errors import (
     FlowIdConflict,

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Generic, NoReturn, TypeVar
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from . import _json
 from ._durations import Duration, parse_duration
@@ -30,13 +30,13 @@ from ._port import ExecutionPort
 from ._schema_check import wait_schema
 from ._store._clock import utcnow
 from ._store._types import Checkpoint, Suspension, TaskError, TaskPoint
+from ._values import encode_result, task_call, validator
 from .errors import (
     CruxError,
     InvalidInput,
     NonDeterminismError,
     NonRetryableError,
     StepFailed,
-    StepResultNotSerializable,
     Suspended,
 )
 
@@ -261,7 +261,7 @@ class FlowContext(Generic[InputT]):
         attempts: int,
     ) -> Any:
         what = f"{'step' if kind == 'step' else 'wait_until'} {name!r}"
-        result = _encode(value, what, name, self._x.max_value_bytes)
+        result = encode_result(value, what, name, self._x.max_value_bytes)
         self._x.commit(
             Checkpoint(seq, kind, name, occurrence, result), started_at=started, attempts=attempts
         )
@@ -385,7 +385,7 @@ class FlowContext(Generic[InputT]):
         again under the same task id: children run at least once, like steps.
         """
         _check_name(name, "run_task")
-        task_name, call, child = _task_call(name, task, args, kwargs)
+        task_name, call, child = task_call(name, task, args, kwargs)
         resend = (
             parse_duration(resend_after, what=f"run_task {name!r} resend_after")
             if resend_after is not None
@@ -434,76 +434,9 @@ class FlowContext(Generic[InputT]):
         if cp is None:
             wait = wait_schema(schema, self._x.max_value_bytes)
             point = Suspension(seq, name, occurrence, timeout_s, wait)
-            cp = self._x.take_signal_or_suspend(point, _validator(schema))
+            cp = self._x.take_signal_or_suspend(point, validator(schema))
         payload = _json.loads(cp.result)
         return schema.model_validate(payload) if schema is not None else payload
-
-
-_ROUTING = ("queue", "routing_key", "exchange", "priority")
-
-
-def _task_call(
-    step: str, task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> tuple[str, str, Any]:
-    """The child's name, its call as JSON (what a resend needs), and the object if any."""
-    child: Any = None
-    options: dict[str, Any] = {}
-    if isinstance(task, str) and task:
-        name = task
-    elif isinstance(task, dict) and isinstance(task.get("task"), str):
-        # A Celery signature (a dict subclass): its arguments come first.
-        name = task["task"]
-        args = (*task.get("args", ()), *args)
-        kwargs = {**task.get("kwargs", {}), **kwargs}
-        options = {k: v for k, v in task.get("options", {}).items() if k in _ROUTING}
-    elif isinstance(getattr(task, "name", None), str) and callable(
-        getattr(task, "apply_async", None)
-    ):
-        name, child = task.name, task
-        if getattr(task, "queue", None):
-            options["queue"] = task.queue
-    else:
-        raise InvalidInput(
-            f"run_task {step!r}: task must be a Celery task, a signature or a task name, "
-            f"got {type(task).__name__}"
-        )
-    try:
-        call = _json.dumps({"task": name, "args": list(args), "kwargs": kwargs, "options": options})
-    except (TypeError, ValueError) as exc:
-        raise InvalidInput(
-            f"run_task {step!r}: arguments of {name!r} must be JSON-able: {exc}"
-        ) from None
-    return name, call, child
-
-
-def _encode(value: Any, what: str, step: str, limit: int) -> str:
-    try:
-        text = _json.dumps(value)
-    except (TypeError, ValueError) as exc:
-        raise StepResultNotSerializable(
-            f"{what} returned a {type(value).__name__} that cannot be stored as JSON: {exc}",
-            step=step,
-        ) from None
-    return _json.check_size(text, limit, f"the result of {what}")
-
-
-def _validator(schema: type[BaseModel] | None) -> Callable[[str], str]:
-    def validate(payload: str) -> str:
-        try:
-            value = _json.loads(payload)
-            _json.check_depth(value)
-        except (ValueError, RecursionError) as exc:
-            raise ValueError(f"payload is not JSON (or too deep): {exc}") from None
-        if schema is None:
-            return payload
-        try:
-            return schema.model_validate(value).model_dump_json()
-        except ValidationError as exc:
-            raise ValueError(str(exc)) from None
-        except RecursionError:
-            raise ValueError("payload is nested too deeply to validate") from None
-
-    return validate
 
 
 __all__ = ["FlowContext", "StepInfo", "Suspended", "current_step"]

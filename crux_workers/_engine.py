@@ -7,7 +7,6 @@ unit tests run the same code.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import random
@@ -21,7 +20,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal, NoReturn
 
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from . import _json
 from ._context import FlowContext
@@ -31,13 +30,13 @@ from ._keeper import keeper
 from ._loop import flow_loop
 from ._models import Retry
 from ._observe import Claim, NoObserver, Observer
+from ._registry import FlowDef
 from ._store._lifecycle import loggable_task_id, next_digest
+from ._store._roles import CruxStore, StepCache
 from ._store._types import (
     Checkpoint,
     Claimed,
-    CruxStore,
     Lease,
-    StepCache,
     Suspension,
     TaskError,
     TaskPoint,
@@ -56,24 +55,6 @@ from .errors import (
 )
 
 log = logging.getLogger("crux_workers.flow")
-
-Handler = Callable[..., Any]
-
-
-@dataclass(frozen=True, slots=True)
-class FlowDef:
-    """A registered flow: its name, handler, input model and queue (None: the app's)."""
-
-    name: str
-    fn: Handler
-    input_model: type[BaseModel]
-    queue: str | None = None
-
-    @property
-    def is_async(self) -> bool:
-        """Whether the handler is ``async def`` (it gets an ``AsyncFlowContext``)."""
-        return inspect.iscoroutinefunction(self.fn)
-
 
 AdvanceKind = Literal[
     "completed", "failed", "suspended", "expired", "cancelled", "busy", "noop", "lost"

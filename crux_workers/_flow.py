@@ -11,7 +11,7 @@ from .errors import FlowIdConflict, InvalidInput
 
 if TYPE_CHECKING:
     from ._client import Client
-    from ._engine import FlowDef, Handler
+    from ._registry import FlowDef, Handler
 
 M = TypeVar("M", bound=BaseModel)
 

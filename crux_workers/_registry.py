@@ -2,14 +2,32 @@
 
 from __future__ import annotations
 
+import inspect
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel
 
-from ._engine import FlowDef
 from .errors import DuplicateFlowName, InvalidInput, UnknownFlow
+
+Handler = Callable[..., Any]
+
+
+@dataclass(frozen=True, slots=True)
+class FlowDef:
+    """A registered flow: its name, handler, input model and queue (None: the app's)."""
+
+    name: str
+    fn: Handler
+    input_model: type[BaseModel]
+    queue: str | None = None
+
+    @property
+    def is_async(self) -> bool:
+        """Whether the handler is ``async def`` (it gets an ``AsyncFlowContext``)."""
+        return inspect.iscoroutinefunction(self.fn)
 
 
 class FlowRegistry:

@@ -20,8 +20,7 @@ from ._health import Heartbeat
 from ._transport import PublishedSignal
 
 if TYPE_CHECKING:
-    from ._engine import FlowDef
-    from ._registry import FlowRegistry
+    from ._registry import FlowDef, FlowRegistry
     from ._runtime import Runtime
     from ._settings import Settings
 

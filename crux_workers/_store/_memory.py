@@ -17,10 +17,7 @@ from typing import Literal
 from .._json import safe_text
 from ..errors import (
     FlowAlreadyFinished,
-    FlowIdConflict,
-    FlowNotRetryable,
     FlowNotWaiting,
-    InvalidInput,
     LeaseLost,
 )
 from . import _lifecycle as life
@@ -32,12 +29,13 @@ from ._lifecycle import (
     WakeKind,
 )
 from ._memory_admin import MemoryAdmin
+from ._memory_ops import MemoryOps
 from ._memory_state import MemoryFlow, MemoryState, flow_row
 from ._memory_tasks import MemoryTasks
+from ._roles import CruxStore
 from ._types import (
     Checkpoint,
     Claimed,
-    CruxStore,
     FlowFilter,
     FlowPage,
     FlowRow,
@@ -69,6 +67,7 @@ class MemoryStore:
         self._flows, self._lock, self._now = state.flows, state.lock, clock
         self._tasks = MemoryTasks(state)
         self._admin = MemoryAdmin(state)
+        self._ops = MemoryOps(state, self._tasks)
         self._signal_ids = 0
         self._ticks: set[int] = set()
         self._last_sweep: datetime | None = None
@@ -393,58 +392,11 @@ class MemoryStore:
 
     def retry_flow(self, flow_id: str) -> str:
         """Make a failed flow due again from its last checkpoint; return its flow name."""
-        with self._lock:
-            flow = self._s.get(flow_id)
-            if not life.retryable(flow.status):
-                raise FlowNotRetryable(
-                    f"flow {flow_id!r} is {flow.status}; only a failed flow can be retried",
-                    flow_id=flow_id,
-                    status=str(flow.status),
-                )
-            now = self._now()
-            flow.status = FlowStatus.PENDING
-            flow.result = flow.error = flow.cancel_reason = flow.finished_at = None
-            flow.lease_owner = flow.lease_until = flow.waiting_on = flow.deadline = None
-            flow.waiting_schema = None
-            flow.retry_attempt = 0
-            flow.lapses = 0  # a flow parked after a crash loop starts counting again
-            flow.retries += 1
-            flow.wake_at, flow.wake_kind, flow.updated_at = now, WakeKind.RUN, now
-            self._tasks.forget_failed(flow_id, flow.next_seq)
-            return flow.name
+        return self._ops.retry_flow(flow_id)
 
     def fork_flow(self, source_id: str, new_id: str, at: int, input_json: str | None) -> FlowRow:
         """A new pending flow with the first ``at`` checkpoints of ``source_id``, due now."""
-        with self._lock:
-            src = self._s.get(source_id)
-            if not life.fork_point_ok(at, src.next_seq):
-                raise InvalidInput(
-                    f"flow {source_id!r} has {src.next_seq} checkpoint(s); fork at "
-                    f"0..{src.next_seq}, not {at}",
-                    flow_id=source_id,
-                    at=at,
-                )
-            if new_id in self._flows:
-                raise FlowIdConflict(
-                    f"flow id {new_id!r} is taken; a fork needs a new id", flow_id=new_id
-                )
-            now = self._now()
-            flow = MemoryFlow(
-                new_id,
-                src.name,
-                FlowStatus.PENDING,
-                src.input if input_json is None else input_json,
-                now,
-                now,
-                wake_at=now,
-                wake_kind=WakeKind.RUN,
-                next_seq=at,
-                forked_from=source_id,
-                forked_at=at,
-                steps=[s for s in src.steps if s.seq < at],
-            )
-            self._flows[new_id] = flow
-            return flow_row(flow, details=False)
+        return self._ops.fork_flow(source_id, new_id, at, input_json)
 
     def get_flow(self, flow_id: str, *, details: bool = True) -> FlowRow:
         """The flow's row, with steps and signals when ``details``."""

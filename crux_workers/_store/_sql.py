@@ -22,6 +22,7 @@ from sqlalchemy import Engine
 
 from ._clock import utcnow
 from ._lifecycle import ACTIVE
+from ._roles import CruxStore
 from ._sql_admin import SqlAdmin
 from ._sql_client import SqlClient
 from ._sql_db import SqlDb, make_engine
@@ -32,7 +33,6 @@ from ._sql_tasks import SqlTasks
 from ._types import (
     Checkpoint,
     Claimed,
-    CruxStore,
     FlowFilter,
     FlowPage,
     FlowRow,

@@ -16,10 +16,11 @@ from typing import Any
 
 from .. import _json
 from .._app import Crux, default_app
-from .._engine import FlowDef
 from .._flow import FlowHandle
+from .._registry import FlowDef
 from .._store._lifecycle import ACTIVE
-from .._store._types import Checkpoint, CruxStore, FlowFilter
+from .._store._roles import CruxStore
+from .._store._types import Checkpoint, FlowFilter
 from ..errors import InvalidInput
 from ._replay import Problem, replay
 

@@ -18,10 +18,11 @@ from typing import Any, cast
 
 from pydantic import BaseModel
 
-from .._engine import FlowDef, Handler
 from .._flow import FlowHandle
 from .._models import FlowOutcome
-from .._store._types import Checkpoint, CruxStore, TaskSend
+from .._registry import FlowDef, Handler
+from .._store._roles import CruxStore
+from .._store._types import Checkpoint, TaskSend
 from ._base import SimulatedCrash
 from ._crash_report import CrashReport, CrashRun, outcome_key
 from ._env import FlowEnvironment

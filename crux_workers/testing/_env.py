@@ -22,14 +22,14 @@ from pydantic import BaseModel
 
 from .._app import Crux
 from .._durations import Duration, parse_duration
-from .._engine import FlowDef, Handler
 from .._flow import FlowHandle, FlowRun
 from .._models import FlowOutcome, SignalReceipt
+from .._registry import FlowDef, Handler
 from .._settings import Settings
 from .._store._cache import MemoryStepCache
 from .._store._clock import aware
 from .._store._lifecycle import TERMINAL
-from .._store._types import CruxStore
+from .._store._roles import CruxStore
 from ..errors import InvalidInput, WaitTimeout
 from ._base import AdvanceReport, SimulatedCrash, TestingError, TimePoint, VirtualClock
 from ._transport import InlineTransport, PendingTask

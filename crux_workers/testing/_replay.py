@@ -25,9 +25,9 @@ from pydantic import TypeAdapter, ValidationError
 
 from .._context import FlowContext
 from .._context_async import AsyncFlowContext
-from .._engine import FlowDef
 from .._loop import flow_loop
 from .._models import Retry
+from .._registry import FlowDef
 from .._store._clock import utcnow
 from .._store._types import Checkpoint, Suspension, TaskError, TaskPoint, Validator
 from ..errors import NonDeterminismError, StepFailed

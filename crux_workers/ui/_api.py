@@ -93,23 +93,7 @@ class Api:
         except ValueError:
             raise InvalidInput("limit must be a whole number") from None
         rows = await run_in_threadpool(self.c.data.rejected, limit)
-        return SafeJSONResponse(
-            {
-                "rejected": [
-                    {
-                        "id": r.id,
-                        "reason": r.reason,
-                        "detail": r.detail,
-                        "flow_id": r.flow_id,
-                        "name": r.name,
-                        "key": r.key,
-                        "raw": r.raw,
-                        "received_at": r.received_at.isoformat(),
-                    }
-                    for r in rows
-                ]
-            }
-        )
+        return SafeJSONResponse({"rejected": [r.as_json() for r in rows]})
 
     async def api_fleet(self, request: Request) -> Response:
         """``GET /api/fleet``: backlog, queue depths, the sweeper."""

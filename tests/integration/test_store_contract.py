@@ -14,11 +14,11 @@ from crux_workers import FlowAlreadyFinished, FlowNotFound, FlowNotWaiting
 from crux_workers._store import _lifecycle as life
 from crux_workers._store._memory import MemoryStore
 from crux_workers._store._migrate import upgrade
+from crux_workers._store._roles import CruxStore
 from crux_workers._store._sql import SqlStore
 from crux_workers._store._types import (
     Checkpoint,
     Claimed,
-    CruxStore,
     FlowFilter,
     FlowPage,
     Lease,

@@ -140,7 +140,7 @@ def test_arguments_that_are_not_json_fail_the_flow_with_a_clear_error(h: Harness
 
 
 def test_task_objects_and_signatures_carry_their_routing() -> None:
-    from crux_workers._context import _task_call
+    from crux_workers._values import task_call as _task_call
 
     celery = Celery("svc", set_as_current=False)
 
