@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal, NoReturn
+from typing import Any, Literal, NoReturn, TypeVar
 
 from pydantic import ValidationError
 
@@ -37,6 +37,7 @@ from ._store._types import (
     Checkpoint,
     Claimed,
     Lease,
+    StepCommit,
     Suspension,
     TaskError,
     TaskPoint,
@@ -55,6 +56,8 @@ from .errors import (
 )
 
 log = logging.getLogger("crux_workers.flow")
+
+T = TypeVar("T")
 
 AdvanceKind = Literal[
     "completed", "failed", "suspended", "expired", "cancelled", "busy", "noop", "lost"
@@ -100,6 +103,13 @@ class Execution:
         # Checkpoints committed by this execution, cached in one round trip when it
         # suspends; a flow that finishes in one go never touches the cache.
         self.uncached: list[Checkpoint] = []
+        if claimed.consumed is not None:  # the claim recorded the waking signal
+            self.uncached.append(claimed.consumed)
+        # The last step's checkpoint, written with the execution's next write: the next
+        # step's commit flushes it before its function runs (``before_step``), a suspend
+        # or the finish carries it in their own transaction (one WAL flush, not two).
+        self.pending: StepCommit | None = None
+        self._pending_ran: float | None = None  # how long its step's function ran
 
     # The ExecutionPort FlowContext talks to -------------------------------------------
 
@@ -128,6 +138,7 @@ class Execution:
         (SIGSTOP, a long GC, a VM freeze) may have lost the lease meanwhile: renew it
         first, so it does not run a step its successor already committed.
         """
+        self.flush()
         if not self.lost and time.monotonic() > self.trusted_until:
             self.renew()
         if self.lost:
@@ -173,7 +184,7 @@ class Execution:
 
     def stop_cancelled(self, point: str) -> NoReturn:
         """A running step was interrupted by a cancel: end the flow ``cancelled``."""
-        self.engine.store.finish(self.lease, "cancelled")
+        self.joined(lambda step: self.engine.store.finish(self.lease, "cancelled", step=step))
         log.info("flow %s: cancelled during %r", self.lease.flow_id, point)
         raise FlowStopped("cancelled")
 
@@ -201,16 +212,49 @@ class Execution:
         return self.engine.store.now()
 
     def commit(self, cp: Checkpoint, *, started_at: datetime, attempts: int) -> None:
-        """Commit a checkpoint (fenced), then cache it; stop here if cancellation was asked."""
+        """Take a checkpoint: written (fenced) with the execution's next write.
+
+        Until then only handler code runs, which must be deterministic and free of
+        side effects: the next step's ``before_step`` writes it before that step's
+        function runs, and a suspend or the finish writes it in their own transaction.
+        A cancel request is seen at that write, as it was at the step's own commit.
+        """
+        self.flush()  # an earlier one first (a sleep's checkpoint right after a step)
+        self.pending = StepCommit(cp, started_at, attempts)
+        self._pending_ran = (datetime.now(UTC) - started_at).total_seconds()
+        self._committed(cp)
+
+    def flush(self) -> None:
+        """Write the pending checkpoint now, on its own; stop here if cancellation was asked."""
+        step, self.pending = self.pending, None
+        if step is None:
+            return
         started = time.monotonic()
+        assert step.started_at is not None
         cancelled = self.engine.store.commit_checkpoint(
-            self.lease, cp, started_at=started_at, attempts=attempts, ttl=self.engine.lease_ttl
+            self.lease,
+            step.cp,
+            started_at=step.started_at,
+            attempts=step.attempts,
+            ttl=self.engine.lease_ttl,
         )
         self._trust_lease(started)
-        self._committed(cp, (datetime.now(UTC) - started_at).total_seconds())
+        self._observe(step.cp, self._pending_ran)
         if cancelled:
-            log.info("flow %s: cancelled after %r", self.lease.flow_id, cp.name)
+            log.info("flow %s: cancelled after %r", self.lease.flow_id, step.cp.name)
             raise FlowStopped("cancelled")
+
+    def joined(self, write: Callable[[StepCommit | None], T]) -> T:
+        """Run the execution's next write with the pending checkpoint in it."""
+        step, self.pending = self.pending, None
+        try:
+            got = write(step)
+        except RecordRefused:
+            self.pending = step  # the write was refused whole: the checkpoint is not in
+            raise
+        if step is not None:
+            self._observe(step.cp, self._pending_ran)
+        return got
 
     def _outcome(self, got: str, point: str, wake_in: float | None = None) -> NoReturn:
         if got == "suspended":
@@ -227,6 +271,7 @@ class Execution:
             delay = retry.delay(attempt)
             if retry.jitter:
                 delay *= 0.5 + random.random() / 2
+        self.flush()
         got = self.engine.store.fail_step(
             self.lease, seq, name, attempt, error_json(exc), retry_in=delay
         )
@@ -251,17 +296,20 @@ class Execution:
         wait = (until - self.now()).total_seconds()
         if wait <= 0:
             return
+        self.flush()
         got = self.engine.store.suspend_until(self.lease, until, "sleep")
         log.info("flow %s: sleeping %r for %.2fs", self.lease.flow_id, name, wait)
         self._outcome(got, name, wait)
 
     def poll_later(self, point: Suspension, every: float) -> NoReturn:
         """The condition was false: check again in ``every`` seconds, or expire."""
+        self.flush()
         got = self.engine.store.poll_later(self.lease, point, every)
         self._outcome(got, point.name, every)
 
     def take_task(self, point: TaskPoint, child: Any) -> Checkpoint | TaskError:
         """The child task's result as the checkpoint; else (re)send it and suspend."""
+        self.flush()
         got = self.engine.store.take_task_or_send(self.lease, point, self.engine.lease_ttl)
         if isinstance(got, TaskSend):
             # After the commit: a send that is lost is repaired by the resend timer,
@@ -279,25 +327,31 @@ class Execution:
         if not isinstance(got, Checkpoint):
             self._outcome(got, point.name)
         self._committed(got)
+        self._observe(got, None)
         return got
 
     def take_signal_or_suspend(self, point: Suspension, validate: Validator) -> Checkpoint:
         """Consume a waiting signal as the checkpoint, or suspend and end the execution."""
-        got = self.engine.store.take_signal_or_suspend(
-            self.lease, point, validate, self.engine.lease_ttl
+        store, ttl = self.engine.store, self.engine.lease_ttl
+        got = self.joined(
+            lambda step: store.take_signal_or_suspend(self.lease, point, validate, ttl, step=step)
         )
         if got == "suspended":
             log.info("flow %s: suspended, waiting for %r", self.lease.flow_id, point.name)
         if not isinstance(got, Checkpoint):
             self._outcome(got, point.name)
         self._committed(got)
+        self._observe(got, None)
         return got
 
-    def _committed(self, cp: Checkpoint, seconds: float | None = None) -> None:
-        """A checkpoint this execution committed: part of the history, cached at suspend."""
+    def _committed(self, cp: Checkpoint) -> None:
+        """A checkpoint this execution took: part of the history, cached at suspend."""
         self.uncached.append(cp)
         self.history.append(cp)
         self.steps_run += 1
+
+    def _observe(self, cp: Checkpoint, seconds: float | None) -> None:
+        """A checkpoint is durable: log it and tell the observer."""
         log.info("flow %s: %s %r committed (#%d)", self.lease.flow_id, cp.kind, cp.name, cp.seq)
         # -- observe (crux_workers._observe): seconds is how long a step's function ran --
         self.engine.observer.step_committed(
@@ -347,19 +401,32 @@ class Engine:
     def _owner(self) -> str:
         return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
 
-    def load_history(self, flow_id: str, count: int, digest: str | None = None) -> list[Checkpoint]:
+    def load_history(
+        self,
+        flow_id: str,
+        count: int,
+        digest: str | None = None,
+        last: Checkpoint | None = None,
+    ) -> list[Checkpoint]:
         """The first ``count`` checkpoints: one cache round trip, the record on a miss.
 
         The cache decides nothing: its checkpoints are used only when their chained
         digest equals ``digest``, the record's; anything else (a lost key, a tampered
         or stale value, a row recorded before digests, ``digest`` None) is a miss.
+        ``last``, when given, is the ``count``-th, recorded by the claim and not cached yet.
         """
         if count == 0:
             return []
-        if digest is not None:
+        if count == 1 and last is not None:
+            if _chain([last]) == digest:
+                return [last]
+        elif digest is not None:
             cached = self.cache.load(flow_id)
-            if len(cached) >= count and all(i in cached for i in range(count)):
-                history = [cached[i] for i in range(count)]
+            known = count - (last is not None)
+            if len(cached) >= known and all(i in cached for i in range(known)):
+                history = [cached[i] for i in range(known)]
+                if last is not None:
+                    history.append(last)
                 if _chain(history) == digest:
                     return history
                 log.warning(
@@ -419,7 +486,9 @@ class Engine:
             self.store.finish(lease, "cancelled")
             self.cache.drop(flow_id)
             return Advance("cancelled")
-        history = self.load_history(flow_id, claimed.next_seq, claimed.history_digest)
+        history = self.load_history(
+            flow_id, claimed.next_seq, claimed.history_digest, claimed.consumed
+        )
         execution = Execution(self, claimed, history, claimed_at)
         try:
             try:
@@ -440,9 +509,14 @@ class Engine:
                 raise CruxError(
                     f"the flow's return value cannot be stored as JSON: {exc}"
                 ) from None
-            self.store.finish(lease, "completed", result=result)
+            ended = execution.joined(
+                lambda step: self.store.finish(lease, "completed", result=result, step=step)
+            )
             if claimed.next_seq > 0:  # only earlier executions can have filled the cache
                 self.cache.drop(flow_id)
+            if ended == "cancelled":  # asked while the last step ran: seen at its write
+                log.info("flow %s: cancelled after its last step", flow_id)
+                return Advance("cancelled", steps_run=execution.steps_run)
             log.info("flow %s: completed", flow_id)
             return Advance("completed", steps_run=execution.steps_run)
         except Suspended as suspended:
@@ -477,9 +551,14 @@ class Engine:
 
     def _fail(self, execution: Execution, exc: BaseException) -> Advance:
         log.warning("flow %s: failed: %s", execution.lease.flow_id, exc)
+        lease, error = execution.lease, error_json(exc)
         try:
-            self.store.finish(execution.lease, "failed", error=error_json(exc))
+            ended = execution.joined(
+                lambda step: self.store.finish(lease, "failed", error=error, step=step)
+            )
         except LeaseLost:
             return Advance("lost", steps_run=execution.steps_run)
         self.cache.drop(execution.lease.flow_id)
-        return Advance("failed", steps_run=execution.steps_run)
+        return Advance(
+            "cancelled" if ended == "cancelled" else "failed", steps_run=execution.steps_run
+        )

@@ -110,9 +110,16 @@ def is_terminal(status: str) -> bool:
     return status in TERMINAL
 
 
-def holds_lease(status: str, epoch: int, lease_epoch: int) -> bool:
-    """The fence: a lease may write while its epoch is current and the flow running."""
-    return status == FlowStatus.RUNNING and epoch == lease_epoch
+def holds_lease(
+    status: str, epoch: int, lease_epoch: int, owner: str | None, lease_owner: str
+) -> bool:
+    """The fence: a lease may write while its epoch and owner are current and the flow runs.
+
+    The owner is part of it because a claim commits without waiting for its WAL flush
+    (``_sql_rules.ASYNC_COMMIT``): if Postgres crashes before anything flushed it, the
+    claim is gone, and the next claim hands out the same epoch again, to another owner.
+    """
+    return status == FlowStatus.RUNNING and epoch == lease_epoch and owner == lease_owner
 
 
 def lease_free(owner: str | None, lease_until: datetime | None, now: datetime) -> bool:

@@ -47,6 +47,7 @@ from ._types import (
     SchemaCheck,
     SignalResult,
     SignalRow,
+    StepCommit,
     StepErrorRow,
     SuspendOutcome,
     Suspension,
@@ -164,10 +165,14 @@ class MemoryStore:
     ) -> bool:
         """Commit a checkpoint if ``lease`` still holds; True if the flow is now cancelled."""
         with self._lock:
-            flow = self._s.touch(lease, ttl)
-            self._s.insert_step(flow, cp, started_at, attempts)
-            flow.retry_attempt = 0
-            return self._s.cancel_requested(flow)
+            return self._commit(lease, StepCommit(cp, started_at, attempts), ttl)
+
+    def _commit(self, lease: Lease, step: StepCommit, ttl: float) -> bool:
+        """Commit ``step`` (the caller holds the lock); True if the flow is now cancelled."""
+        flow = self._s.touch(lease, ttl)
+        self._s.insert_step(flow, step.cp, step.started_at, step.attempts)
+        flow.retry_attempt = 0
+        return self._s.cancel_requested(flow)
 
     def now(self) -> datetime:
         """The store's clock."""
@@ -279,10 +284,18 @@ class MemoryStore:
             return result
 
     def take_signal_or_suspend(
-        self, lease: Lease, point: Suspension, validate: Validator, ttl: float
+        self,
+        lease: Lease,
+        point: Suspension,
+        validate: Validator,
+        ttl: float,
+        *,
+        step: StepCommit | None = None,
     ) -> Checkpoint | SuspendOutcome:
         """Consume the oldest valid pending signal of that name as a checkpoint, or suspend."""
         with self._lock:
+            if step is not None and self._commit(lease, step, ttl):
+                return "cancelled"
             flow = self._s.touch(lease, ttl)
             if self._s.cancel_requested(flow):
                 return "cancelled"
@@ -322,13 +335,22 @@ class MemoryStore:
             return "suspended"
 
     def finish(
-        self, lease: Lease, status: str, *, result: str | None = None, error: str | None = None
-    ) -> None:
-        """End the flow with a terminal status if ``lease`` still holds."""
+        self,
+        lease: Lease,
+        status: str,
+        *,
+        result: str | None = None,
+        error: str | None = None,
+        step: StepCommit | None = None,
+    ) -> str:
+        """End the flow with a terminal status if ``lease`` still holds; returns the status."""
         with self._lock:
+            if step is not None and self._commit(lease, step, 1.0):
+                return FlowStatus.CANCELLED.value
             flow = self._s.fenced(lease)
             self._s.end(flow, status)
             flow.result, flow.error = result, error
+            return status
 
     def record_signal(
         self,

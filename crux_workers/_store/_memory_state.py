@@ -88,7 +88,9 @@ class MemoryState:
     def fenced(self, lease: Lease) -> MemoryFlow:
         """The flow if ``lease`` still holds it, else ``LeaseLost``."""
         flow = self.flows.get(lease.flow_id)
-        if flow is None or not life.holds_lease(flow.status, flow.epoch, lease.epoch):
+        if flow is None or not life.holds_lease(
+            flow.status, flow.epoch, lease.epoch, flow.lease_owner, lease.owner
+        ):
             raise LeaseLost(f"flow {lease.flow_id}: epoch {lease.epoch} no longer holds the lease")
         return flow
 

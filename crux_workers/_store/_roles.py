@@ -22,6 +22,7 @@ from ._types import (
     RejectedRow,
     SchemaCheck,
     SignalResult,
+    StepCommit,
     SuspendOutcome,
     Suspension,
     SweepResult,
@@ -100,14 +101,22 @@ class ExecutorStore(Protocol):
         ...
 
     def take_signal_or_suspend(
-        self, lease: Lease, point: Suspension, validate: Validator, ttl: float
+        self,
+        lease: Lease,
+        point: Suspension,
+        validate: Validator,
+        ttl: float,
+        *,
+        step: StepCommit | None = None,
     ) -> Checkpoint | SuspendOutcome:
         """Consume the oldest valid pending signal of that name as a checkpoint, or suspend.
 
         One transaction under the flow's row lock, so a signal committed before it is
         seen, and one committed after it finds the flow suspended and wakes it.
         Without a valid signal: "suspended" (lease released), or "expired" when the
-        point's deadline has passed (the flow is finished).
+        point's deadline has passed (the flow is finished). ``step`` is committed first
+        in the same transaction; if cancellation was asked, the flow is then
+        "cancelled".
         """
         ...
 
@@ -124,9 +133,20 @@ class ExecutorStore(Protocol):
         ...
 
     def finish(
-        self, lease: Lease, status: str, *, result: str | None = None, error: str | None = None
-    ) -> None:
-        """End the flow with a terminal status if ``lease`` still holds."""
+        self,
+        lease: Lease,
+        status: str,
+        *,
+        result: str | None = None,
+        error: str | None = None,
+        step: StepCommit | None = None,
+    ) -> str:
+        """End the flow with a terminal status if ``lease`` still holds; returns the status.
+
+        ``step`` is committed in the same write. If cancellation was asked meanwhile,
+        the flow ends "cancelled" instead, as a separate step commit would have ended
+        it, and that is what is returned.
+        """
         ...
 
 

@@ -43,6 +43,7 @@ from ._types import (
     RejectedRow,
     SchemaCheck,
     SignalResult,
+    StepCommit,
     SuspendOutcome,
     Suspension,
     SweepResult,
@@ -137,10 +138,16 @@ class SqlStore:
         return self._exec.poll_later(lease, point, every)
 
     def take_signal_or_suspend(
-        self, lease: Lease, point: Suspension, validate: Validator, ttl: float
+        self,
+        lease: Lease,
+        point: Suspension,
+        validate: Validator,
+        ttl: float,
+        *,
+        step: StepCommit | None = None,
     ) -> Checkpoint | SuspendOutcome:
         """Consume the oldest valid pending signal of that name as a checkpoint, or suspend."""
-        return self._exec.take_signal_or_suspend(lease, point, validate, ttl)
+        return self._exec.take_signal_or_suspend(lease, point, validate, ttl, step=step)
 
     def take_task_or_send(
         self, lease: Lease, point: TaskPoint, ttl: float
@@ -149,10 +156,16 @@ class SqlStore:
         return self._tasks.take_task_or_send(lease, point, ttl)
 
     def finish(
-        self, lease: Lease, status: str, *, result: str | None = None, error: str | None = None
-    ) -> None:
-        """End the flow with a terminal status if ``lease`` still holds."""
-        self._exec.finish(lease, status, result=result, error=error)
+        self,
+        lease: Lease,
+        status: str,
+        *,
+        result: str | None = None,
+        error: str | None = None,
+        step: StepCommit | None = None,
+    ) -> str:
+        """End the flow with a terminal status if ``lease`` still holds; returns the status."""
+        return self._exec.finish(lease, status, result=result, error=error, step=step)
 
     # -- ClientStore ----------------------------------------------------------------------
 

@@ -157,6 +157,7 @@ class SqlDb:
         return (
             flows.c.id == lease.flow_id,
             flows.c.epoch == lease.epoch,
+            flows.c.lease_owner == lease.owner,
             flows.c.status == FlowStatus.RUNNING,
         )
 

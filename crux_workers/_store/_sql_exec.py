@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from sqlalchemy import Connection, Update, func, select, update
+from sqlalchemy import Connection, func, select, update
 
 from .._json import safe_text
 from . import _lifecycle as life
@@ -23,6 +23,7 @@ from ._types import (
     Claimed,
     Lease,
     NotClaimed,
+    StepCommit,
     SuspendOutcome,
     Suspension,
     Validator,
@@ -51,34 +52,10 @@ class SqlExecutor:
         """
         now = self._db.now()
         c = flows.c
-        stmt = (
-            update(flows)
-            .where(c.id == flow_id, rules.has_work(now), rules.lease_free(now))
-            .values(
-                status=FlowStatus.RUNNING,
-                lease_owner=owner,
-                lease_until=now + timedelta(seconds=ttl),
-                epoch=c.epoch + 1,
-                runs=c.runs + 1,
-                lapses=rules.lapses_after_claim(),
-                wake_at=None,
-                wake_kind=None,
-                updated_at=now,
-            )
-            .returning(
-                c.epoch,
-                c.name,
-                c.input,
-                c.next_seq,
-                c.retry_attempt,
-                c.cancel_reason,
-                c.runs,
-                c.lapses,
-                c.history_digest,
-            )
-        )
         with self._db.one() as conn:
-            got, woke_at, woke_by = self._claim_and_wake(conn, stmt, flow_id)
+            got, woke_at, woke_by, consumed = self._claim_and_wake(
+                conn, flow_id, owner, now + timedelta(seconds=ttl), now
+            )
             if got is None:
                 row = conn.execute(
                     select(c.status, c.lease_owner, c.lease_until).where(c.id == flow_id)
@@ -109,6 +86,7 @@ class SqlExecutor:
                 woke_by=woke_by,
                 runs=int(got.runs),
                 history_digest=got.history_digest,
+                consumed=consumed,
             )
         if row is None:
             return NotClaimed("missing")
@@ -121,16 +99,45 @@ class SqlExecutor:
         return NotClaimed("idle")
 
     def _claim_and_wake(
-        self, conn: Connection, claim: Update, flow_id: str
-    ) -> tuple[Any, Any, Any]:
+        self, conn: Connection, flow_id: str, owner: str, lease_until: datetime, now: datetime
+    ) -> tuple[Any, Any, Any, Checkpoint | None]:
         """Run the claim; with the wake it cleared (the metrics' resume latency).
 
-        SQLite: read first, in the same serialised transaction.
+        SQLite: read first, in the same serialised transaction. The signal that woke
+        the flow is consumed later, at its suspend point (``take_signal_or_suspend``).
         """
-        was = conn.execute(select(flows.c.wake_at, flows.c.wake_kind).where(flows.c.id == flow_id))
+        c = flows.c
+        claim = (
+            update(flows)
+            .where(c.id == flow_id, rules.has_work(now), rules.lease_free(now))
+            .values(
+                status=FlowStatus.RUNNING,
+                lease_owner=owner,
+                lease_until=lease_until,
+                epoch=c.epoch + 1,
+                runs=c.runs + 1,
+                lapses=rules.lapses_after_claim(),
+                wake_at=None,
+                wake_kind=None,
+                updated_at=now,
+            )
+            .returning(
+                c.epoch,
+                c.name,
+                c.input,
+                c.next_seq,
+                c.retry_attempt,
+                c.cancel_reason,
+                c.runs,
+                c.lapses,
+                c.history_digest,
+            )
+        )
+        was = conn.execute(select(c.wake_at, c.wake_kind).where(c.id == flow_id))
         before = was.first()
         got = conn.execute(claim).first()
-        return got, before.wake_at if before else None, before.wake_kind if before else None
+        woke_at, woke_by = (before.wake_at, before.wake_kind) if before else (None, None)
+        return got, woke_at, woke_by, None
 
     def renew(self, lease: Lease, ttl: float) -> bool:
         """Extend the lease; False when it was lost."""
@@ -173,14 +180,26 @@ class SqlExecutor:
         self, lease: Lease, cp: Checkpoint, *, started_at: datetime, attempts: int, ttl: float
     ) -> bool:
         """Commit a checkpoint if ``lease`` still holds; True if the flow is now cancelled."""
+        with self._db.tx() as conn:
+            return self._open(conn, lease, ttl, StepCommit(cp, started_at, attempts)) is None
+
+    def _open(self, conn: Connection, lease: Lease, ttl: float, step: StepCommit | None) -> Any:
+        """The fenced touch an executor's transaction starts with, after writing ``step``.
+
+        Returns the touched row (``waiting_on``, ``deadline``, ``cancel_reason``), or
+        None when cancellation was asked: the flow is then ``cancelled`` (``step``, if
+        any, written first, as its own commit would have been).
+        """
         db = self._db
-        with db.tx() as conn:
-            row = db.touch(conn, lease, ttl, next_seq=cp.seq + 1, retry_attempt=0)
-            db.insert_step(conn, lease, cp, started_at=started_at, attempts=attempts)
-            if row.cancel_reason is not None:
-                db.end(conn, lease.flow_id, FlowStatus.CANCELLED)
-                return True
-        return False
+        if step is None:
+            row = db.touch(conn, lease, ttl)
+        else:
+            row = db.touch(conn, lease, ttl, next_seq=step.cp.seq + 1, retry_attempt=0)
+            db.insert_step(conn, lease, step.cp, started_at=step.started_at, attempts=step.attempts)
+        if row.cancel_reason is not None:
+            db.end(conn, lease.flow_id, FlowStatus.CANCELLED)
+            return None
+        return row
 
     def fail_step(
         self,
@@ -266,12 +285,21 @@ class SqlExecutor:
         return "suspended"
 
     def take_signal_or_suspend(
-        self, lease: Lease, point: Suspension, validate: Validator, ttl: float
+        self,
+        lease: Lease,
+        point: Suspension,
+        validate: Validator,
+        ttl: float,
+        *,
+        step: StepCommit | None = None,
     ) -> Checkpoint | SuspendOutcome:
-        """Consume the oldest valid pending signal of that name as a checkpoint, or suspend."""
+        """Consume the oldest valid pending signal of that name as a checkpoint, or suspend.
+
+        ``step`` (the last step's checkpoint) is written first, in the same transaction.
+        """
         db, s = self._db, signals.c
         with db.tx() as conn:
-            waiting = db.touch_unless_cancelled(conn, lease, ttl)
+            waiting = self._open(conn, lease, ttl, step)
             if waiting is None:
                 return "cancelled"
             while True:
@@ -349,11 +377,23 @@ class SqlExecutor:
         return "suspended"
 
     def finish(
-        self, lease: Lease, status: str, *, result: str | None = None, error: str | None = None
-    ) -> None:
-        """End the flow with a terminal status if ``lease`` still holds."""
+        self,
+        lease: Lease,
+        status: str,
+        *,
+        result: str | None = None,
+        error: str | None = None,
+        step: StepCommit | None = None,
+    ) -> str:
+        """End the flow with a terminal status if ``lease`` still holds; returns the status.
+
+        ``step`` is written first, in the same transaction; a cancel request seen there
+        ends the flow ``cancelled`` instead.
+        """
         now = self._db.now()
-        with self._db.one() as conn:
+        with self._db.tx() if step is not None else self._db.one() as conn:
+            if step is not None and self._open(conn, lease, 1.0, step) is None:
+                return FlowStatus.CANCELLED.value
             got = conn.execute(
                 update(flows)
                 .where(*self._db.fence(lease))
@@ -369,3 +409,4 @@ class SqlExecutor:
             ).first()
         if got is None:
             raise lease_lost(lease)
+        return status

@@ -13,21 +13,17 @@ from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Select, Update
+from sqlalchemy import Connection, Engine, Select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from ..errors import FlowNotFound
 from . import _lifecycle as life
 from . import _sql_rules as rules
-from ._lifecycle import FlowStatus
-from ._schema import flows
+from ._lifecycle import CheckpointKind, FlowStatus
 from ._sql_client import SqlClient, not_waiting
 from ._sql_db import SqlDb, lease_lost
 from ._sql_exec import SqlExecutor
-from ._types import Checkpoint, Lease, SchemaCheck, SignalResult
-
-# The row as it was before the claim (a self-join): built once, its columns proxied once.
-_WAS = flows.alias("was")
+from ._types import Checkpoint, Lease, SchemaCheck, SignalResult, StepCommit
 
 
 class PgDb(SqlDb):
@@ -61,20 +57,74 @@ class PgDb(SqlDb):
         return query.with_for_update(skip_locked=True)
 
 
+def _step_params(lease: Lease, step: StepCommit, now: datetime) -> dict[str, Any]:
+    """The parameters of a step's row, fenced by ``lease`` (``COMMIT_STEP``, ``FINISH_STEP``)."""
+    cp = step.cp
+    return {
+        "flow_id": lease.flow_id,
+        "epoch": lease.epoch,
+        "owner": lease.owner,
+        "now": now,
+        "next_seq": cp.seq + 1,
+        "seq": cp.seq,
+        "kind": cp.kind,
+        "name": cp.name,
+        "occurrence": cp.occurrence,
+        "cp_digest": life.cp_digest(cp.seq, cp.kind, cp.name, cp.occurrence, cp.result),
+        "attempts": step.attempts,
+        "started_at": step.started_at,
+    }
+
+
 class PgExecutor(SqlExecutor):
-    """The executor's writes on Postgres: the step commit in one statement."""
+    """The executor's writes on Postgres: the claim, a step and the finish in one statement."""
 
     def _claim_and_wake(
-        self, conn: Connection, claim: Update, flow_id: str
-    ) -> tuple[Any, Any, Any]:
-        """The claim in one statement; a self-join returns the row as it was before it."""
-        was = _WAS
-        got = conn.execute(
-            claim.where(was.c.id == flows.c.id).returning(
-                was.c.wake_at.label("woke_at"), was.c.wake_kind.label("woke_by")
+        self, conn: Connection, flow_id: str, owner: str, lease_until: datetime, now: datetime
+    ) -> tuple[Any, Any, Any, Checkpoint | None]:
+        """The claim in one statement (``_sql_rules.CLAIM``), committed without a flush.
+
+        It returns the row as it was before (the wake it cleared) and, for a flow woken
+        in a wait with no schema, the signal it consumed as the wait's checkpoint.
+        """
+        params = {"flow_id": flow_id, "owner": owner, "lease_until": lease_until, "now": now}
+        got = conn.execute(rules.CLAIM, params).first()
+        if got is None:
+            # The row moved between the statement's snapshot and its lock (another
+            # execution ended meanwhile): once more, on a fresh snapshot.
+            got = conn.execute(rules.CLAIM, params).first()
+        if got is None:
+            return None, None, None, None
+        consumed = None
+        if got.sig_id is not None:
+            consumed = Checkpoint(
+                int(got.cp_seq),
+                CheckpointKind.SUSPEND.value,
+                got.cp_name,
+                int(got.cp_occurrence),
+                got.cp_result,
             )
-        ).first()
-        return got, got.woke_at if got else None, got.woke_by if got else None
+        return got, got.woke_at, got.woke_by, consumed
+
+    def _open(self, conn: Connection, lease: Lease, ttl: float, step: StepCommit | None) -> Any:
+        """With a step: its commit statement is the fenced touch (one round trip, not three)."""
+        if step is None:
+            return super()._open(conn, lease, ttl, step)
+        got = self._commit_step(conn, lease, step, ttl)
+        if got.cancel_reason is not None:
+            self._db.end(conn, lease.flow_id, FlowStatus.CANCELLED)
+            return None
+        return got
+
+    def _commit_step(self, conn: Connection, lease: Lease, step: StepCommit, ttl: float) -> Any:
+        now = self._db.now()
+        params = _step_params(lease, step, now)
+        params["lease_until"] = now + timedelta(seconds=ttl)
+        params["result"] = step.cp.result
+        got = conn.execute(rules.COMMIT_STEP, params).one()
+        if not got.touched:
+            raise lease_lost(lease)
+        return got
 
     def commit_checkpoint(
         self, lease: Lease, cp: Checkpoint, *, started_at: datetime, attempts: int, ttl: float
@@ -84,34 +134,34 @@ class PgExecutor(SqlExecutor):
         # round trip. The insert reads the touch's output, so it happens only if the
         # epoch still holds.
         db = self._db
-        now = db.now()
         with db.one() as conn:
-            got = conn.execute(
-                rules.COMMIT_STEP,
-                {
-                    "flow_id": lease.flow_id,
-                    "epoch": lease.epoch,
-                    "lease_until": now + timedelta(seconds=ttl),
-                    "now": now,
-                    "next_seq": cp.seq + 1,
-                    "seq": cp.seq,
-                    "kind": cp.kind,
-                    "name": cp.name,
-                    "occurrence": cp.occurrence,
-                    "result": cp.result,
-                    "cp_digest": life.cp_digest(cp.seq, cp.kind, cp.name, cp.occurrence, cp.result),
-                    "attempts": attempts,
-                    "started_at": started_at,
-                },
-            ).one()
-        if not got.touched:
-            raise lease_lost(lease)
+            got = self._commit_step(conn, lease, StepCommit(cp, started_at, attempts), ttl)
         if got.cancel_reason is None:
             return False
         with db.tx() as conn:
             db.touch(conn, lease, ttl)
             db.end(conn, lease.flow_id, FlowStatus.CANCELLED)
         return True
+
+    def finish(
+        self,
+        lease: Lease,
+        status: str,
+        *,
+        result: str | None = None,
+        error: str | None = None,
+        step: StepCommit | None = None,
+    ) -> str:
+        """End the flow; with ``step``, its row and the end in one statement (``FINISH_STEP``)."""
+        if step is None:
+            return super().finish(lease, status, result=result, error=error)
+        params = _step_params(lease, step, self._db.now())
+        params.update(status=status, result=result, error=error, step_result=step.cp.result)
+        with self._db.one() as conn:
+            got = conn.execute(rules.FINISH_STEP, params).one()
+        if got.status is None:
+            raise lease_lost(lease)
+        return str(got.status)
 
 
 class PgClient(SqlClient):

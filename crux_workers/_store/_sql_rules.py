@@ -146,7 +146,7 @@ NEXT_DIGEST_SQL = """
 """
 
 # Postgres: commit a step in one statement (``PgExecutor.commit_checkpoint``).
-# Rule: the lease fence (same epoch, status 'running'); the insert reads the
+# Rule: the lease fence (same epoch and owner, status 'running'); the insert reads the
 # touch's output, so it happens only if the epoch still holds. A commit resets the
 # failed attempts (``retry_attempt = 0``) and the crash-loop count (``lapses = 0``),
 # and chains the checkpoint into ``history_digest`` (NEXT_DIGEST_SQL).
@@ -159,8 +159,9 @@ COMMIT_STEP = text(
                history_digest = """
     + NEXT_DIGEST_SQL
     + """
-         WHERE id = :flow_id AND epoch = :epoch AND status = 'running'
-        RETURNING cancel_reason
+         WHERE id = :flow_id AND epoch = :epoch AND lease_owner = :owner
+           AND status = 'running'
+        RETURNING cancel_reason, waiting_on, deadline
     ), inserted AS (
         INSERT INTO crux_steps
                (flow_id, seq, kind, name, occurrence, result, attempts, epoch,
@@ -171,6 +172,137 @@ COMMIT_STEP = text(
         RETURNING seq
     )
     SELECT (SELECT count(*) FROM inserted) AS touched,
-           (SELECT cancel_reason FROM touched) AS cancel_reason
+           (SELECT cancel_reason FROM touched) AS cancel_reason,
+           (SELECT waiting_on FROM touched) AS waiting_on,
+           (SELECT deadline FROM touched) AS deadline
+    """
+)
+
+# What an executor's claim commits without waiting for its WAL flush (Postgres,
+# ``SET LOCAL synchronous_commit = off`` for that one transaction). Losing a claim in a
+# Postgres crash loses nothing anyone relies on: no side effect depends on it being
+# durable, the next durable commit of the same server flushes it (the WAL is one
+# sequence), and a claim that is lost is taken again (the flow is as it was before
+# it). What it must not do is hand the same lease out twice: the fence
+# (``_lifecycle.holds_lease``) includes the owner, and every claim has a fresh one.
+ASYNC_COMMIT = "set_config('synchronous_commit', 'off', true)"
+
+# Postgres: the claim in one statement (``PgExecutor._claim_and_wake``).
+# Rules: ``has_work`` and ``lease_free`` (the WHERE), ``lapses_after_claim`` (lapses);
+# the row as it was (``was``: the wake the claim clears, for the resume latency).
+# It also consumes the signal that woke a flow suspended in a wait with no schema (a
+# payload that is JSON needs no check in Python: the checkpoint's result is the
+# payload): the oldest pending signal of that name becomes the checkpoint at
+# ``next_seq``, as ``take_signal_or_suspend`` would record it (``cp_digest`` and
+# ``next_digest`` in SQL; the occurrence is the count of the flow's checkpoints of that
+# name, the replay's counter). ``was`` is read in the statement's snapshot: the UPDATE
+# requires the row's ``next_seq`` and status to be unchanged since (a claim that waited
+# on the row lock and finds them moved takes nothing; the caller claims again).
+# A flow with a cancel request is claimed without consuming: it ends ``cancelled``.
+CLAIM = text(
+    """
+    WITH was AS (
+        SELECT id, status, next_seq, wake_at, wake_kind, waiting_on, waiting_schema,
+               cancel_reason
+          FROM crux_flows WHERE id = :flow_id
+    ), sig AS (
+        SELECT s.id, s.payload, was.next_seq AS seq, was.waiting_on AS name,
+               (SELECT count(*) FROM crux_steps st
+                 WHERE st.flow_id = :flow_id AND st.name = was.waiting_on) AS occurrence
+          FROM was JOIN crux_signals s ON s.flow_id = :flow_id AND s.name = was.waiting_on
+         WHERE was.status = 'suspended' AND was.waiting_schema IS NULL
+           AND was.cancel_reason IS NULL AND s.status = 'pending'
+         ORDER BY s.id LIMIT 1
+    ), cp AS (
+        SELECT sig.*,
+               encode(sha256(convert_to(
+                   sig.seq || E'\\n' || 'suspend' || E'\\n' || sig.occurrence || E'\\n'
+                   || length(sig.name) || E'\\n' || sig.name || E'\\n' || sig.payload,
+                   'UTF8')), 'hex') AS digest
+          FROM sig
+    ), async AS (
+        SELECT """
+    + ASYNC_COMMIT
+    + """ AS off
+    ), claimed AS (
+        UPDATE crux_flows f
+           SET status = 'running', lease_owner = :owner, lease_until = :lease_until,
+               epoch = f.epoch + 1, runs = f.runs + 1,
+               lapses = CASE WHEN f.lease_owner IS NOT NULL THEN f.lapses + 1
+                             ELSE f.lapses END,
+               wake_at = NULL, wake_kind = NULL, updated_at = :now,
+               next_seq = f.next_seq + CASE WHEN cp.id IS NULL THEN 0 ELSE 1 END,
+               waiting_on = CASE WHEN cp.id IS NULL THEN f.waiting_on END,
+               deadline = CASE WHEN cp.id IS NULL THEN f.deadline END,
+               history_digest = CASE
+                   WHEN cp.id IS NULL THEN f.history_digest
+                   WHEN f.next_seq = 0 THEN encode(sha256(convert_to(cp.digest, 'UTF8')), 'hex')
+                   WHEN f.history_digest IS NULL THEN NULL
+                   ELSE encode(sha256(convert_to(f.history_digest || cp.digest, 'UTF8')), 'hex')
+               END
+          FROM was CROSS JOIN async LEFT JOIN cp ON true
+         WHERE f.id = was.id AND f.next_seq = was.next_seq AND f.status = was.status
+           AND async.off IS NOT NULL
+           AND (f.status IN ('pending', 'running')
+                OR (f.status = 'suspended' AND (f.wake_kind = 'run' OR f.wake_at <= :now)))
+           AND (f.lease_owner IS NULL OR f.lease_until < :now)
+        RETURNING f.epoch, f.name, f.input, f.next_seq, f.retry_attempt, f.cancel_reason,
+                  f.runs, f.lapses, f.history_digest,
+                  was.wake_at AS woke_at, was.wake_kind AS woke_by,
+                  cp.id AS sig_id, cp.seq AS cp_seq, cp.name AS cp_name,
+                  cp.occurrence AS cp_occurrence, cp.payload AS cp_result
+    ), took AS (
+        UPDATE crux_signals s
+           SET status = 'consumed', consumed_seq = claimed.cp_seq, consumed_at = :now
+          FROM claimed
+         WHERE s.flow_id = :flow_id AND s.id = claimed.sig_id
+        RETURNING s.id
+    ), recorded AS (
+        INSERT INTO crux_steps
+               (flow_id, seq, kind, name, occurrence, result, attempts, epoch,
+                started_at, completed_at)
+        SELECT :flow_id, cp_seq, 'suspend', cp_name, cp_occurrence, cp_result, 1, epoch,
+               NULL, :now
+          FROM claimed WHERE sig_id IS NOT NULL
+        RETURNING seq
+    )
+    SELECT * FROM claimed
+    """
+)
+
+# Postgres: the last step's checkpoint and the end of the flow in one statement
+# (``PgExecutor.finish`` with a step). Rules: the lease fence; a cancel request seen at
+# the step's write ends the flow ``cancelled`` (as ``COMMIT_STEP`` followed by the end
+# would); the digest chain (NEXT_DIGEST_SQL); what a finished flow no longer has.
+FINISH_STEP = text(
+    """
+    WITH done AS (
+        UPDATE crux_flows
+           SET status = CASE WHEN cancel_reason IS NULL THEN CAST(:status AS text)
+                             ELSE 'cancelled' END,
+               result = CASE WHEN cancel_reason IS NULL THEN CAST(:result AS text)
+                             ELSE result END,
+               error = CASE WHEN cancel_reason IS NULL THEN CAST(:error AS text)
+                            ELSE error END,
+               finished_at = :now, updated_at = :now,
+               next_seq = :next_seq, retry_attempt = 0, lapses = 0,
+               lease_owner = NULL, lease_until = NULL, wake_at = NULL, wake_kind = NULL,
+               waiting_on = NULL, deadline = NULL, waiting_schema = NULL,
+               history_digest = """
+    + NEXT_DIGEST_SQL
+    + """
+         WHERE id = :flow_id AND epoch = :epoch AND lease_owner = :owner
+           AND status = 'running'
+        RETURNING status
+    ), inserted AS (
+        INSERT INTO crux_steps
+               (flow_id, seq, kind, name, occurrence, result, attempts, epoch,
+                started_at, completed_at)
+        SELECT :flow_id, :seq, :kind, :name, :occurrence, :step_result, :attempts, :epoch,
+               :started_at, :now
+          FROM done
+        RETURNING seq
+    )
+    SELECT (SELECT status FROM done) AS status, (SELECT count(*) FROM inserted) AS written
     """
 )

@@ -20,6 +20,21 @@ class Checkpoint:
 
 
 @dataclass(frozen=True, slots=True)
+class StepCommit:
+    """A checkpoint whose durable write rides with the execution's next write.
+
+    Between a step's commit and the next checkpoint call only handler code runs, which
+    must be deterministic and free of side effects; so the step's row can be written
+    in the same transaction as what comes next (a suspend, the finish), as long as it
+    is durable before any later step's function runs (``Execution.before_step``).
+    """
+
+    cp: Checkpoint
+    started_at: datetime | None
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
 class Lease:
     """The right to advance one flow, fenced by ``epoch``."""
 
@@ -46,6 +61,9 @@ class Claimed:
     history_digest: str | None = None
     """The chained digest of the ``next_seq`` checkpoints (``_lifecycle.next_digest``):
     a cached history is used only if it matches; None (an old row) trusts no cache."""
+    consumed: Checkpoint | None = None
+    """The signal checkpoint the claim itself recorded (Postgres, a wait with no
+    schema): the last of the ``next_seq`` checkpoints, not yet in the step cache."""
 
 
 SuspendOutcome = Literal["suspended", "expired", "cancelled"]

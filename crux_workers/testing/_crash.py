@@ -22,7 +22,7 @@ from .._flow import FlowHandle
 from .._models import FlowOutcome
 from .._registry import FlowDef, Handler
 from .._store._roles import CruxStore
-from .._store._types import Checkpoint, TaskSend
+from .._store._types import Checkpoint, StepCommit, TaskSend
 from ._base import SimulatedCrash
 from ._crash_report import CrashReport, CrashRun, outcome_key
 from ._env import FlowEnvironment
@@ -63,12 +63,13 @@ class CrashingStore:
 
         def write(*args: Any, **kwargs: Any) -> Any:
             k = len(self.writes)
+            step: StepCommit | None = kwargs.get("step")
             if self.crash_at == 2 * k:
-                self.writes.append(_describe(name, args, None, crashed=True))
+                self.writes.append(_describe(name, args, None, crashed=True, step=step))
                 self.crashed_at = self.writes[-1][0]
                 raise SimulatedCrash(self.crashed_at)
             result = attr(*args, **kwargs)
-            self.writes.append(_describe(name, args, result))
+            self.writes.append(_describe(name, args, result, step=step))
             if self.crash_at == 2 * k + 1:
                 self.crashed_at = self.writes[-1][1]
                 raise SimulatedCrash(self.crashed_at)
@@ -78,9 +79,29 @@ class CrashingStore:
 
 
 def _describe(
-    method: str, args: tuple[Any, ...], result: Any, *, crashed: bool = False
+    method: str,
+    args: tuple[Any, ...],
+    result: Any,
+    *,
+    crashed: bool = False,
+    step: StepCommit | None = None,
 ) -> tuple[str, str]:
     """What "before" and "after" this write mean, in the flow's terms."""
+    before, after = _describe_write(method, args, result, crashed=crashed)
+    if step is None:
+        return before, after
+    # The last step's commit rides with this write (a suspend, the finish).
+    cp = step.cp
+    what = f"{cp.kind} {cp.name!r}#{cp.occurrence}"
+    return (
+        f"after {what} ran, before its commit ({before}, the same write)",
+        f"after {what} was committed ({after})",
+    )
+
+
+def _describe_write(
+    method: str, args: tuple[Any, ...], result: Any, *, crashed: bool
+) -> tuple[str, str]:
     if method == "commit_checkpoint":
         cp: Checkpoint = args[1]
         what = f"{cp.kind} {cp.name!r}#{cp.occurrence}"

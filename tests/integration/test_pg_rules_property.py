@@ -178,7 +178,7 @@ def test_the_one_statement_step_commit_agrees_with_the_fence(
     (flow_id,) = _load(store.engine, [row])
     lease = Lease(flow_id, "w", lease_epoch)
     cp = Checkpoint(0, "step", "s", 0, "1")
-    if not life.holds_lease(row["status"], row["epoch"], lease_epoch):
+    if not life.holds_lease(row["status"], row["epoch"], lease_epoch, row["lease_owner"], "w"):
         with pytest.raises(LeaseLost):
             store.commit_checkpoint(lease, cp, started_at=NOW, attempts=1, ttl=10)
         assert store.load_checkpoints(flow_id) == []

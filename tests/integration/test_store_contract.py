@@ -23,6 +23,7 @@ from crux_workers._store._types import (
     FlowPage,
     Lease,
     NotClaimed,
+    StepCommit,
     Suspension,
     SweepResult,
     TaskError,
@@ -619,8 +620,13 @@ def test_the_claim_returns_the_chained_digest_of_every_checkpoint(
     )
     s.take_signal_or_suspend(lease, Suspension(1, "go", 0, None), accept, 10)
     s.record_signal("f", "go", '{"ok":true}', None)
-    lease = _claim(s, "f")
-    got = s.take_signal_or_suspend(lease, Suspension(1, "go", 0, None), accept, 10)
+    woken = s.claim("f", "w", 10)
+    assert isinstance(woken, Claimed)
+    lease = woken.lease
+    # Postgres takes the waking signal in the claim; the others at the suspend point.
+    got = woken.consumed or s.take_signal_or_suspend(
+        lease, Suspension(1, "go", 0, None), accept, 10
+    )
     assert isinstance(got, Checkpoint)
     send = s.take_task_or_send(lease, _task(2), 10)
     assert isinstance(send, TaskSend)
@@ -878,3 +884,136 @@ def test_the_contract_exercises_every_store_method() -> None:
     assert declared == EXERCISED
     source = Path(__file__).read_text()
     assert [name for name in sorted(EXERCISED) if f".{name}(" not in source] == []
+
+
+def test_the_waking_signal_is_taken_once_by_the_claim_or_at_the_suspend_point(
+    store: tuple[CruxStore, Clock],
+) -> None:
+    s, clock = store
+    s.create_flow("f", "demo", "{}")
+    lease = _claim(s, "f")
+    # A step of the same name first: the wait is the name's occurrence 1.
+    s.commit_checkpoint(
+        lease, Checkpoint(0, "step", "go", 0, "1"), started_at=clock(), attempts=1, ttl=10
+    )
+    assert s.take_signal_or_suspend(lease, Suspension(1, "go", 1, None), accept, 10) == "suspended"
+    first = s.record_signal("f", "go", '{"n": 1}', None)
+    second = s.record_signal("f", "go", '{"n": 2}', None)
+    woken = s.claim("f", "w", 10)
+    assert isinstance(woken, Claimed)
+    expected = Checkpoint(1, "suspend", "go", 1, '{"n": 1}')
+    if woken.consumed is not None:  # in the claim (Postgres, a wait with no schema)
+        assert woken.consumed == expected and woken.next_seq == 2
+    else:  # at the suspend point
+        assert woken.next_seq == 1
+        point = Suspension(1, "go", 1, None)
+        assert s.take_signal_or_suspend(woken.lease, point, accept, 10) == expected
+    assert s.load_checkpoints("f") == [Checkpoint(0, "step", "go", 0, "1"), expected]
+    signals = {sig.id: sig for sig in s.get_flow("f").signals}
+    assert signals[first.signal_id].status == "consumed"
+    assert signals[first.signal_id].consumed_seq == 1
+    assert signals[second.signal_id].status == "pending"
+    # The digest the next claim returns is the chain of what the record holds.
+    s.release(woken.lease)
+    again = s.claim("f", "w", 10)
+    assert isinstance(again, Claimed) and again.consumed is None and again.next_seq == 2
+    digest: str | None = None
+    for cp in s.load_checkpoints("f"):
+        digest = life.next_digest(digest, cp.seq, cp.kind, cp.name, cp.occurrence, cp.result)
+    assert again.history_digest == digest
+
+
+def test_a_wait_with_a_schema_is_never_taken_by_the_claim(
+    store: tuple[CruxStore, Clock],
+) -> None:
+    s, _ = store
+    s.create_flow("f", "demo", "{}")
+    lease = _claim(s, "f")
+    point = Suspension(0, "go", 0, None, '{"type": "object"}')
+    assert s.take_signal_or_suspend(lease, point, accept, 10) == "suspended"
+    s.record_signal("f", "go", '{"n": 1}', None)
+    woken = s.claim("f", "w", 10)
+    assert isinstance(woken, Claimed) and woken.consumed is None and woken.next_seq == 0
+    got = s.take_signal_or_suspend(woken.lease, point, lambda p: p.replace("1", "2"), 10)
+    assert got == Checkpoint(0, "suspend", "go", 0, '{"n": 2}')
+
+
+def test_a_claim_under_a_cancel_request_takes_no_signal(store: tuple[CruxStore, Clock]) -> None:
+    s, _ = store
+    s.create_flow("f", "demo", "{}")
+    lease = _claim(s, "f")
+    assert s.take_signal_or_suspend(lease, Suspension(0, "go", 0, None), accept, 10) == "suspended"
+    s.record_signal("f", "go", "1", None)
+    s.cancel("f", "stop")
+    woken = s.claim("f", "w", 10)
+    if isinstance(woken, Claimed):
+        assert woken.consumed is None and woken.cancel_requested
+    assert s.load_checkpoints("f") == []
+
+
+def test_a_step_rides_with_the_suspend_and_with_the_finish(store: tuple[CruxStore, Clock]) -> None:
+    s, clock = store
+    s.create_flow("f", "demo", "{}")
+    lease = _claim(s, "f")
+    point = Suspension(1, "go", 0, None)
+    step = StepCommit(_cp(0), clock(), 2)
+    assert s.take_signal_or_suspend(lease, point, accept, 10, step=step) == "suspended"
+    assert s.load_checkpoints("f") == [_cp(0)]
+    assert s.get_flow("f").steps[0].attempts == 2
+    s.record_signal("f", "go", "2", None)
+    woken = s.claim("f", "w", 10)
+    assert isinstance(woken, Claimed)
+    got = woken.consumed or s.take_signal_or_suspend(woken.lease, point, accept, 10)
+    assert got == Checkpoint(1, "suspend", "go", 0, "2")
+    last = StepCommit(_cp(2, "t", "3"), clock(), 1)
+    assert s.finish(woken.lease, "completed", result="4", step=last) == "completed"
+    assert s.load_checkpoints("f") == [_cp(0), got, _cp(2, "t", "3")]
+    row = s.get_flow("f")
+    assert row.status == "completed" and row.result == "4" and row.finished_at == clock()
+    # A failure with its last step: the step is kept for a retry to replay.
+    s.create_flow("g", "demo", "{}")
+    lease = _claim(s, "g")
+    assert s.finish(lease, "failed", error='{"x":1}', step=StepCommit(_cp(0), clock(), 1)) == (
+        "failed"
+    )
+    assert s.load_checkpoints("g") == [_cp(0)] and s.get_flow("g").error == '{"x":1}'
+
+
+def test_a_cancel_seen_at_a_joined_write_ends_the_flow_cancelled(
+    store: tuple[CruxStore, Clock],
+) -> None:
+    s, clock = store
+    for flow_id in ("f", "g"):
+        s.create_flow(flow_id, "demo", "{}")
+        lease = _claim(s, flow_id)
+        assert s.cancel(flow_id, "stop") == "cancelling"
+        step = StepCommit(_cp(0), clock(), 1)
+        if flow_id == "f":
+            got = s.finish(lease, "completed", result="1", step=step)
+        else:
+            got = s.take_signal_or_suspend(
+                lease, Suspension(1, "go", 0, None), accept, 10, step=step
+            )
+        assert got == "cancelled"
+        # The step is written, as its own commit would have been; the flow is cancelled.
+        assert s.load_checkpoints(flow_id) == [_cp(0)]
+        row = s.get_flow(flow_id)
+        assert row.status == "cancelled" and row.result is None
+
+
+def test_a_joined_write_under_a_lost_lease_writes_nothing(store: tuple[CruxStore, Clock]) -> None:
+    s, clock = store
+    s.create_flow("f", "demo", "{}")
+    lease = _claim(s, "f")
+    step = StepCommit(_cp(0), clock(), 1)
+    # The same epoch under another owner (a claim lost with Postgres's unflushed WAL and
+    # handed out again) holds nothing either.
+    for stale in (Lease("f", "someone-else", lease.epoch), Lease("f", "w", lease.epoch - 1)):
+        with pytest.raises(LeaseLost):
+            s.finish(stale, "completed", result="1", step=step)
+        with pytest.raises(LeaseLost):
+            s.take_signal_or_suspend(stale, Suspension(1, "go", 0, None), accept, 10, step=step)
+        with pytest.raises(LeaseLost):
+            s.commit_checkpoint(stale, _cp(0), started_at=clock(), attempts=1, ttl=10)
+    assert s.load_checkpoints("f") == []
+    assert s.get_flow("f").status == "running"

@@ -166,8 +166,12 @@ def test_cancel_waits_for_a_live_executor_only() -> None:
 
 
 def test_the_fence_and_child_attempts() -> None:
-    assert life.holds_lease("running", 3, 3)
-    assert not life.holds_lease("running", 4, 3) and not life.holds_lease("suspended", 3, 3)
+    assert life.holds_lease("running", 3, 3, "w", "w")
+    assert not life.holds_lease("running", 4, 3, "w", "w")
+    assert not life.holds_lease("suspended", 3, 3, "w", "w")
+    # The same epoch under another owner: a claim lost with an unflushed WAL, given again.
+    assert not life.holds_lease("running", 3, 3, "x", "w")
+    assert not life.holds_lease("running", 3, 3, None, "w")
     assert life.sends_new_attempt("failed", 1, 2) and not life.sends_new_attempt("failed", 2, 2)
     assert not life.sends_new_attempt("pending", 1, 2)
     assert life.task_send_stale(at(-30), 30, NOW) and not life.task_send_stale(at(-29), 30, NOW)
