@@ -10,7 +10,8 @@ say what each flow cost the record:
 - WAL flushes: ``pg_stat_wal.wal_sync``, the ``fdatasync`` calls of the WAL: what a
   durable commit waits for (the WAL writer's background flushes are spaced out to
   10 s for the run, so they barely count);
-- round trips: the statements the engine sent (SQLAlchemy events), plus BEGIN/COMMIT;
+- round trips: the statements the engine sent (SQLAlchemy events, and the prebuilt
+  statements run on the driver), plus BEGIN/COMMIT;
 - CPU: this process's CPU time inside ``execute`` only, per committed step.
 
     PYTHONPATH=. .venv/bin/python bench/commits.py [--flows 200]
@@ -34,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.overhead import Recorder, servers
 from bench.peers_crux import APPROVAL, W1Input, W2Input, define
 from crux_workers import Crux, Settings
+from crux_workers._store._sql_pg import PgDb
 
 
 class Counters:
@@ -96,8 +98,21 @@ def main() -> None:
         def on_stmt(*_: Any) -> None:
             trips[0] += 1
 
-        def on_tx(*_: Any) -> None:
-            trips[0] += 2  # psycopg sends BEGIN and COMMIT on their own
+        def on_tx(conn: Any) -> None:
+            # psycopg sends BEGIN and COMMIT on their own, except in autocommit (the event
+            # fires there too, with nothing sent).
+            if conn.get_execution_options().get("isolation_level") != "AUTOCOMMIT":
+                trips[0] += 2
+
+        # The hot path's prebuilt statements run on the driver, past SQLAlchemy's events.
+        first = getattr(PgDb, "first", None)
+        if first is not None:
+
+            def counted(db: Any, stmt: Any, params: Any) -> Any:
+                trips[0] += 1
+                return first(db, stmt, params)
+
+            PgDb.first = counted  # type: ignore[method-assign]
 
         def execute(name: str, flow_id: str, want: str) -> float:
             c = time.process_time()

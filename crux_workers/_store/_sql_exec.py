@@ -52,10 +52,10 @@ class SqlExecutor:
         """
         now = self._db.now()
         c = flows.c
+        got, woke_at, woke_by, consumed = self._claim_and_wake(
+            flow_id, owner, now + timedelta(seconds=ttl), now
+        )
         with self._db.one() as conn:
-            got, woke_at, woke_by, consumed = self._claim_and_wake(
-                conn, flow_id, owner, now + timedelta(seconds=ttl), now
-            )
             if got is None:
                 row = conn.execute(
                     select(c.status, c.lease_owner, c.lease_until).where(c.id == flow_id)
@@ -99,7 +99,7 @@ class SqlExecutor:
         return NotClaimed("idle")
 
     def _claim_and_wake(
-        self, conn: Connection, flow_id: str, owner: str, lease_until: datetime, now: datetime
+        self, flow_id: str, owner: str, lease_until: datetime, now: datetime
     ) -> tuple[Any, Any, Any, Checkpoint | None]:
         """Run the claim; with the wake it cleared (the metrics' resume latency).
 
@@ -133,9 +133,9 @@ class SqlExecutor:
                 c.history_digest,
             )
         )
-        was = conn.execute(select(c.wake_at, c.wake_kind).where(c.id == flow_id))
-        before = was.first()
-        got = conn.execute(claim).first()
+        with self._db.one() as conn:
+            before = conn.execute(select(c.wake_at, c.wake_kind).where(c.id == flow_id)).first()
+            got = conn.execute(claim).first()
         woke_at, woke_by = (before.wake_at, before.wake_kind) if before else (None, None)
         return got, woke_at, woke_by, None
 

@@ -1,22 +1,29 @@
 """Where Postgres differs from SQLite: one place, as subclasses of the SQLite paths.
 
 Postgres has row locks and ``SKIP LOCKED``, runs one statement as a transaction of
-its own (autocommit saves the BEGIN and COMMIT round trips), and takes the step
-commit and the signal as single statements (``_sql_rules.COMMIT_STEP`` and
-``_sql_rules.RECORD_SIGNAL``) on the two hottest paths.
+its own (autocommit saves the BEGIN and COMMIT round trips), and takes the hot path as
+single statements of ``_sql_rules``: the claim (``CLAIM``, which also takes the waking
+signal), a step (``COMMIT_STEP``), the last step with the finish (``FINISH_STEP``) and
+a signal (``RECORD_SIGNAL``). Those run on the driver's connection (``PgDb.first``):
+prepared once per connection, without SQLAlchemy's per-call work, which costs more CPU
+than the statement itself.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Select
+import psycopg
+from psycopg.rows import namedtuple_row
+from sqlalchemy import Connection, Engine, Select, TextClause
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-from ..errors import FlowNotFound
+from .._settings import redact
+from ..errors import FlowNotFound, RecordRefused, StoreError
 from . import _lifecycle as life
 from . import _sql_rules as rules
 from ._lifecycle import CheckpointKind, FlowStatus
@@ -47,6 +54,42 @@ class PgDb(SqlDb):
         """An INSERT that knows ``ON CONFLICT DO NOTHING``."""
         return pg_insert(table)
 
+    def first(self, stmt: TextClause, params: dict[str, Any]) -> Any:
+        """Run one hot-path statement in autocommit on a pooled connection's driver.
+
+        The statement is prepared on the connection (psycopg, once) and SQLAlchemy's
+        per-call work (compiling the cache key, binding, the result's metadata) is
+        skipped: 60-70 us of CPU instead of 160-190 us a statement on this machine.
+        Returns the first row (columns as attributes), or None. Errors leave as
+        ``StoreError`` (try later) or ``RecordRefused`` (a data error), as elsewhere.
+        """
+        sql = _driver_sql(stmt)
+        with self.driver_errors():  # a failed checkout (connect) is SQLAlchemy's error
+            fairy = self.engine.raw_connection()
+        try:
+            conn = fairy.driver_connection
+            assert isinstance(conn, psycopg.Connection)
+            conn.autocommit = True
+            try:
+                cur = conn.cursor(row_factory=namedtuple_row)
+                cur.execute(sql, params, prepare=True)
+                return cur.fetchone()
+            finally:
+                if not conn.closed:
+                    conn.autocommit = False
+        except psycopg.Error as exc:
+            retry_later = _connection_level(exc)
+            if retry_later:
+                fairy.invalidate()
+            kind = StoreError if retry_later else RecordRefused
+            raise kind(
+                f"database error on {redact(self.url)}: {exc!r}",
+                url=redact(self.url),
+                connection_invalidated=retry_later,
+            ) from exc
+        finally:
+            fairy.close()
+
     def next_digest(self, conn: Connection, flow_id: str, cp: Checkpoint) -> Any:
         """The chained digest as an SQL expression: no extra round trip to read it first."""
         cp_hex = life.cp_digest(cp.seq, cp.kind, cp.name, cp.occurrence, cp.result)
@@ -76,11 +119,33 @@ def _step_params(lease: Lease, step: StepCommit, now: datetime) -> dict[str, Any
     }
 
 
+_PARAM = re.compile(r"(?<![:\w]):(\w+)")
+_DRIVER_SQL: dict[int, str] = {}
+
+
+def _driver_sql(stmt: TextClause) -> str:
+    """``stmt``'s SQL with psycopg's placeholders (``:name`` becomes ``%(name)s``)."""
+    sql = _DRIVER_SQL.get(id(stmt))
+    if sql is None:
+        sql = _DRIVER_SQL[id(stmt)] = _PARAM.sub(r"%(\1)s", stmt.text.replace("%", "%%"))
+    return sql
+
+
+def _connection_level(exc: psycopg.Error) -> bool:
+    """As ``_sql_db.connection_level``, for the driver's own errors."""
+    if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
+        return True
+    code = exc.sqlstate or ""
+    return code.startswith(("40", "08"))
+
+
 class PgExecutor(SqlExecutor):
     """The executor's writes on Postgres: the claim, a step and the finish in one statement."""
 
+    _db: PgDb
+
     def _claim_and_wake(
-        self, conn: Connection, flow_id: str, owner: str, lease_until: datetime, now: datetime
+        self, flow_id: str, owner: str, lease_until: datetime, now: datetime
     ) -> tuple[Any, Any, Any, Checkpoint | None]:
         """The claim in one statement (``_sql_rules.CLAIM``), committed without a flush.
 
@@ -88,11 +153,11 @@ class PgExecutor(SqlExecutor):
         in a wait with no schema, the signal it consumed as the wait's checkpoint.
         """
         params = {"flow_id": flow_id, "owner": owner, "lease_until": lease_until, "now": now}
-        got = conn.execute(rules.CLAIM, params).first()
+        got = self._db.first(rules.CLAIM, params)
         if got is None:
             # The row moved between the statement's snapshot and its lock (another
             # execution ended meanwhile): once more, on a fresh snapshot.
-            got = conn.execute(rules.CLAIM, params).first()
+            got = self._db.first(rules.CLAIM, params)
         if got is None:
             return None, None, None, None
         consumed = None
@@ -116,12 +181,18 @@ class PgExecutor(SqlExecutor):
             return None
         return got
 
-    def _commit_step(self, conn: Connection, lease: Lease, step: StepCommit, ttl: float) -> Any:
+    def _commit_step(
+        self, conn: Connection | None, lease: Lease, step: StepCommit, ttl: float
+    ) -> Any:
+        """``COMMIT_STEP`` in the caller's transaction, or on its own (``conn`` None)."""
         now = self._db.now()
         params = _step_params(lease, step, now)
         params["lease_until"] = now + timedelta(seconds=ttl)
         params["result"] = step.cp.result
-        got = conn.execute(rules.COMMIT_STEP, params).one()
+        if conn is None:
+            got = self._db.first(rules.COMMIT_STEP, params)
+        else:
+            got = conn.execute(rules.COMMIT_STEP, params).one()
         if not got.touched:
             raise lease_lost(lease)
         return got
@@ -134,8 +205,7 @@ class PgExecutor(SqlExecutor):
         # round trip. The insert reads the touch's output, so it happens only if the
         # epoch still holds.
         db = self._db
-        with db.one() as conn:
-            got = self._commit_step(conn, lease, StepCommit(cp, started_at, attempts), ttl)
+        got = self._commit_step(None, lease, StepCommit(cp, started_at, attempts), ttl)
         if got.cancel_reason is None:
             return False
         with db.tx() as conn:
@@ -157,8 +227,7 @@ class PgExecutor(SqlExecutor):
             return super().finish(lease, status, result=result, error=error)
         params = _step_params(lease, step, self._db.now())
         params.update(status=status, result=result, error=error, step_result=step.cp.result)
-        with self._db.one() as conn:
-            got = conn.execute(rules.FINISH_STEP, params).one()
+        got = self._db.first(rules.FINISH_STEP, params)
         if got.status is None:
             raise lease_lost(lease)
         return str(got.status)
@@ -166,6 +235,8 @@ class PgExecutor(SqlExecutor):
 
 class PgClient(SqlClient):
     """The client's writes on Postgres: a signal in one statement."""
+
+    _db: PgDb
 
     def _record_signal(
         self, flow_id: str, name: str, payload: str, key: str | None, check: SchemaCheck | None
@@ -176,19 +247,18 @@ class PgClient(SqlClient):
         # payload passed it, a second statement inserts, if the flow still waits with it.
         checked: str | None = None
         while True:
-            with self._db.one() as conn:
-                row = conn.execute(
-                    rules.RECORD_SIGNAL,
-                    {
-                        "flow_id": flow_id,
-                        "name": name,
-                        "payload": payload,
-                        "key": key,
-                        "now": self._db.now(),
-                        "gate": check is not None,
-                        "checked": checked,
-                    },
-                ).first()
+            row = self._db.first(
+                rules.RECORD_SIGNAL,
+                {
+                    "flow_id": flow_id,
+                    "name": name,
+                    "payload": payload,
+                    "key": key,
+                    "now": self._db.now(),
+                    "gate": check is not None,
+                    "checked": checked,
+                },
+            )
             if row is None:
                 raise FlowNotFound(f"no flow {flow_id!r}", flow_id=flow_id)
             if row.dup_id is not None:
