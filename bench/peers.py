@@ -397,9 +397,10 @@ def _lat(prefix: str, values: list[float]) -> Sample:
 class CruxPeer(Peer):
     name = "crux"
 
-    def __init__(self, srv: Servers, cfg: Cfg, concurrency: int = 1) -> None:
+    def __init__(self, srv: Servers, cfg: Cfg, concurrency: int = 1, processes: int = 2) -> None:
         super().__init__(srv, cfg)
         self.concurrency = concurrency  # pool processes per worker
+        self.processes = processes  # worker processes (bench/scaling.py varies it)
         self.trace: Path | None = None  # diagnosis: the workers time the record's calls
         if concurrency != 1:
             self.name = f"crux-c{concurrency}"
@@ -425,11 +426,11 @@ class CruxPeer(Peer):
             env["BENCH_PEERS_TRACE"] = str(self.trace)
         flags = [*CELERY_FLAGS]
         flags[flags.index("--concurrency") + 1] = str(self.concurrency)
-        for i in range(2):
+        for i in range(self.processes):
             cmd = [sys.executable, "-m", "crux_workers", "worker", "--import", "bench.peers_crux"]
             cmd += [*flags, "--hostname", f"crux{i}@%h"]
             self.workers.append(Proc(f"crux{i}", cmd, env, self.cfg.log_dir).start())
-        wait_pongs(self.app.celery.control, {"crux0", "crux1"})
+        wait_pongs(self.app.celery.control, {f"crux{i}" for i in range(self.processes)})
 
     def close(self) -> None:
         self.db.close()

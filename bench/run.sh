@@ -10,6 +10,8 @@
 # Its own venv (bench/.venv) holds the project plus bench/requirements.txt (dbos,
 # py-spy), so neither reaches the project's dependencies. Needs redis-server and
 # PostgreSQL 15 binaries, as scripts/test.sh does (it installs them when missing).
+# The same venv runs the scaling benchmark (docs/scaling.md), after this script made it once:
+#   bash bench/run.sh --help && bench/.venv/bin/python bench/scaling.py
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
