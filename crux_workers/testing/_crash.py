@@ -87,15 +87,18 @@ def _describe(
     step: StepCommit | None = None,
 ) -> tuple[str, str]:
     """What "before" and "after" this write mean, in the flow's terms."""
-    before, after = _describe_write(method, args, result, crashed=crashed)
     if step is None:
-        return before, after
+        return _describe_write(method, args, result, crashed=crashed)
     # The last step's commit rides with this write (a suspend, the finish).
     cp = step.cp
     what = f"{cp.kind} {cp.name!r}#{cp.occurrence}"
+    if method == "take_signal_or_suspend":
+        write = f"the suspend {args[1].name!r}"
+    else:
+        write = f"the flow's end ({args[1] if len(args) > 1 else '?'})"
     return (
-        f"after {what} ran, before its commit ({before}, the same write)",
-        f"after {what} was committed ({after})",
+        f"after {what} ran, before its commit (written with {write})",
+        f"after {what} was committed with {write}",
     )
 
 
