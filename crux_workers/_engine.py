@@ -31,7 +31,7 @@ from ._loop import flow_loop
 from ._models import Retry
 from ._observe import Claim, NoObserver, Observer
 from ._registry import FlowDef
-from ._store._lifecycle import loggable_task_id, next_digest
+from ._store._lifecycle import history_digest, loggable_task_id
 from ._store._roles import CruxStore, StepCache
 from ._store._types import (
     Checkpoint,
@@ -247,11 +247,10 @@ class Execution:
     def joined(self, write: Callable[[StepCommit | None], T]) -> T:
         """Run the execution's next write with the pending checkpoint in it."""
         step, self.pending = self.pending, None
-        try:
-            got = write(step)
-        except RecordRefused:
-            self.pending = step  # the write was refused whole: the checkpoint is not in
-            raise
+        # If the record refuses the write (a data error), the checkpoint is not in and is
+        # not carried again: the flow fails with the refusal (``_fail``), as it would have
+        # at the step's own commit; a retry runs the step again.
+        got = write(step)
         if step is not None:
             self._observe(step.cp, self._pending_ran)
         return got
@@ -360,10 +359,7 @@ class Execution:
 
 
 def _chain(history: list[Checkpoint]) -> str | None:
-    digest: str | None = None
-    for cp in history:
-        digest = next_digest(digest, cp.seq, cp.kind, cp.name, cp.occurrence, cp.result)
-    return digest
+    return history_digest(history) if history else None
 
 
 def _no_children(task_id: str, call: str, child: Any) -> None:

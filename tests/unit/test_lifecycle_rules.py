@@ -19,6 +19,7 @@ from crux_workers._store._lifecycle import (
     TaskStatus,
     WakeKind,
 )
+from crux_workers._store._types import Checkpoint
 
 NOW = datetime(2026, 11, 21, 10, 0, tzinfo=UTC)
 STORE = Path(life.__file__).parent
@@ -76,7 +77,17 @@ def _imports(path: Path) -> set[str]:
 
 
 def test_the_rules_import_only_the_standard_library() -> None:
-    stdlib = {"__future__", "enum", "datetime", "typing", "hashlib", "json", "logging", "secrets"}
+    stdlib = {
+        "__future__",
+        "enum",
+        "datetime",
+        "typing",
+        "hashlib",
+        "json",
+        "logging",
+        "secrets",
+        "collections.abc",
+    }
     assert _imports(STORE / "_lifecycle.py") <= stdlib
 
 
@@ -181,3 +192,20 @@ def test_the_fence_and_child_attempts() -> None:
     assert life.flow_of_task_id(one) == "f:x" and life.flow_of_task_id("crux:f:1:1") == "f"
     assert life.flow_of_task_id("crux:1") is None and life.flow_of_task_id("celery-x") is None
     assert life.task_outcome(None) == "succeeded" and life.task_outcome("{}") == "failed"
+
+
+def test_the_whole_history_digest_is_the_fold_of_next_digest() -> None:
+    cps = [
+        Checkpoint(0, "step", "a", 0, "1"),
+        Checkpoint(1, "suspend", "caf\u00e9", 0, '"\\ud800 x"'),
+        Checkpoint(2, "step", "a", 1, '{"k": [1, 2]}'),
+        Checkpoint(3, "task", "t\nx", 0, "null"),
+    ]
+    digest: str | None = None
+    for cp in cps:
+        digest = life.next_digest(digest, cp.seq, cp.kind, cp.name, cp.occurrence, cp.result)
+        assert life.history_digest(cps[: cp.seq + 1]) == digest
+    assert life.history_digest([]) == life.EMPTY_HISTORY
+    # Any change of any field of any checkpoint changes it.
+    changed = [*cps[:1], Checkpoint(1, "suspend", "caf\u00e9", 1, '"\\ud800 x"'), *cps[2:]]
+    assert life.history_digest(changed) != digest
