@@ -13,18 +13,18 @@ from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Select, Update
+from sqlalchemy import Connection, Engine, Select, Update, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-from ..errors import FlowNotFound
+from ..errors import FlowNotFound, StoreError
 from . import _lifecycle as life
 from . import _sql_rules as rules
 from ._lifecycle import FlowStatus
 from ._schema import flows
-from ._sql_client import SqlClient, not_waiting
+from ._sql_client import SqlClient, new_flows, not_waiting
 from ._sql_db import SqlDb, lease_lost
 from ._sql_exec import SqlExecutor
-from ._types import Checkpoint, Lease, SchemaCheck, SignalResult
+from ._types import Checkpoint, FlowRow, Lease, SchemaCheck, SignalResult
 
 # The row as it was before the claim (a self-join): built once, its columns proxied once.
 _WAS = flows.alias("was")
@@ -115,7 +115,23 @@ class PgExecutor(SqlExecutor):
 
 
 class PgClient(SqlClient):
-    """The client's writes on Postgres: a signal in one statement."""
+    """The client's writes on Postgres: a new flow and a signal in one statement each."""
+
+    def create_flow(self, flow_id: str, name: str, input_json: str) -> tuple[FlowRow, bool]:
+        """Insert a pending flow, or return the existing row; the bool says if created."""
+        # A new flow (the common case) is one autocommit INSERT that returns its row: no
+        # BEGIN, no SELECT, no COMMIT round trip. Only a taken id reads the row it found.
+        db = self._db
+        for _ in range(3):
+            with db.one() as conn:
+                created = conn.execute(new_flows(db, [(flow_id, name, input_json)])).first()
+                if created is not None:
+                    return db.flow_row(created), True
+                row = conn.execute(select(flows).where(flows.c.id == flow_id)).first()
+            if row is not None:
+                return db.flow_row(row), False
+            # The row that took the id was purged in between: the INSERT can succeed now.
+        raise StoreError(f"flow {flow_id!r}: its row kept disappearing while it was created")
 
     def _record_signal(
         self, flow_id: str, name: str, payload: str, key: str | None, check: SchemaCheck | None

@@ -88,6 +88,42 @@ def test_create_is_idempotent(store: tuple[CruxStore, Clock]) -> None:
     assert not created_again and again.input == '{"a":1}'
 
 
+def test_create_flows_records_a_batch_and_returns_existing_rows(
+    store: tuple[CruxStore, Clock],
+) -> None:
+    s, _ = store
+    s.create_flow("old", "demo", '{"a":0}')
+    lease = _claim(s, "old")
+    got = s.create_flows(
+        [("b1", "demo", '{"a":1}'), ("old", "demo", '{"a":9}'), ("b2", "demo", "{}")]
+    )
+    assert [(row.id, created) for row, created in got] == [
+        ("b1", True),
+        ("old", False),
+        ("b2", True),
+    ]
+    new, old, _ = (row for row, _ in got)
+    assert new.status == "pending" and new.wake_kind == "run" and new.input == '{"a":1}'
+    assert old.status == "running" and old.input == '{"a":0}'  # the existing row, untouched
+    assert s.get_flow("b2").status == "pending"
+    assert isinstance(s.claim("b1", "w", 10), Claimed)
+    s.finish(lease, "completed", result="1")
+    assert s.create_flows([]) == []
+
+
+def test_create_flows_refuses_the_whole_batch(store: tuple[CruxStore, Clock]) -> None:
+    s, _ = store
+    s.create_flow("taken", "other", "{}")
+    with pytest.raises(FlowIdConflict):
+        s.create_flows([("c1", "demo", "{}"), ("taken", "demo", "{}")])
+    with pytest.raises(InvalidInput):
+        s.create_flows([("c2", "demo", "{}"), ("c2", "demo", "{}")])
+    for flow_id in ("c1", "c2"):
+        with pytest.raises(FlowNotFound):
+            s.get_flow(flow_id)
+    assert {r.id for r in s.list_flows(FlowFilter(limit=10))} == {"taken"}
+
+
 def test_claim_refusals(store: tuple[CruxStore, Clock]) -> None:
     s, _ = store
     assert s.claim("nope", "w", 10).reason == "missing"  # type: ignore[union-attr]
@@ -833,6 +869,7 @@ def test_purge_takes_every_table_and_old_refusals(store: tuple[CruxStore, Clock]
 # A new store method fails the test below until it gets its contract test here.
 EXERCISED = {
     "create_flow",
+    "create_flows",
     "claim",
     "renew",
     "release",
