@@ -56,33 +56,43 @@ ROW_COLUMNS = (
 _RACES = 3
 
 
-def new_flows(db: SqlDb, items: Sequence[NewFlow]) -> Any:
-    """``INSERT`` pending flows, due now; ``ON CONFLICT DO NOTHING RETURNING`` their rows.
+def _new_values(now: Any) -> dict[str, Any]:
+    return {
+        "status": FlowStatus.PENDING,
+        "wake_at": now,
+        "wake_kind": WakeKind.RUN,
+        "epoch": 0,
+        "next_seq": 0,
+        "runs": 0,
+        "retries": 0,
+        "created_at": now,
+        "updated_at": now,
+    }
 
-    A taken id returns nothing: only the flows created come back.
+
+def new_flow(db: SqlDb, flow_id: str, name: str, input_json: str) -> Any:
+    """``INSERT`` one pending flow, due now; ``ON CONFLICT DO NOTHING RETURNING`` its row.
+
+    A taken id returns no row. The single-row form, so its compiled SQL is cached.
     """
-    now = db.now()
     return (
         db.insert(flows)
-        .values(
-            [
-                {
-                    "id": flow_id,
-                    "name": name,
-                    "status": FlowStatus.PENDING,
-                    "input": input_json,
-                    "wake_at": now,
-                    "wake_kind": WakeKind.RUN,
-                    "epoch": 0,
-                    "next_seq": 0,
-                    "runs": 0,
-                    "retries": 0,
-                    "created_at": now,
-                    "updated_at": now,
-                }
-                for flow_id, name, input_json in items
-            ]
-        )
+        .values(id=flow_id, name=name, input=input_json, **_new_values(db.now()))
+        .on_conflict_do_nothing(index_elements=["id"])
+        .returning(*ROW_COLUMNS)
+    )
+
+
+def new_flows(db: SqlDb, items: Sequence[NewFlow]) -> Any:
+    """``INSERT`` pending flows in one multi-row statement; returns the rows of those created.
+
+    (Not cached: a multi-row VALUES is compiled per call. Postgres overrides it.)
+    """
+    base = _new_values(db.now())
+    rows = [{"id": i, "name": n, "input": j, **base} for i, n, j in items]
+    return (
+        db.insert(flows)
+        .values(rows)
         .on_conflict_do_nothing(index_elements=["id"])
         .returning(*ROW_COLUMNS)
     )
@@ -148,7 +158,7 @@ class SqlClient:
         """Insert a pending flow, or return the existing row; the bool says if created."""
         db = self._db
         with db.tx() as conn:
-            created = conn.execute(new_flows(db, [(flow_id, name, input_json)])).first()
+            created = conn.execute(new_flow(db, flow_id, name, input_json)).first()
             if created is not None:
                 return db.flow_row(created), True
             row = conn.execute(select(flows).where(flows.c.id == flow_id)).one()
@@ -168,7 +178,7 @@ class SqlClient:
         for _ in range(_RACES):
             try:
                 with db.tx() as conn:
-                    got = {r.id: r for r in conn.execute(new_flows(db, items)).all()}
+                    got = {r.id: r for r in conn.execute(self._insert_new(items)).all()}
                     taken = [flow_id for flow_id, _, _ in items if flow_id not in got]
                     existing = {}
                     if taken:
@@ -186,6 +196,10 @@ class SqlClient:
                 for flow_id, _, _ in items
             ]
         raise StoreError("create_flows: existing flows kept disappearing (purged meanwhile?)")
+
+    def _insert_new(self, items: Sequence[NewFlow]) -> Any:
+        """The batch's INSERT: a multi-row VALUES here."""
+        return new_flows(self._db, items)
 
     def cancel(self, flow_id: str, reason: str) -> str:
         """Cancel at once ("cancelled") or at the running executor's next step ("cancelling")."""

@@ -8,20 +8,22 @@ commit and the signal as single statements (``_sql_rules.COMMIT_STEP`` and
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Select, Update, select
+from sqlalchemy import Connection, Engine, Select, Text, Update, bindparam, func, literal, select
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from ..errors import FlowNotFound, StoreError
 from . import _lifecycle as life
 from . import _sql_rules as rules
-from ._lifecycle import FlowStatus
+from ._batch import NewFlow
+from ._lifecycle import FlowStatus, WakeKind
 from ._schema import flows
-from ._sql_client import SqlClient, new_flows, not_waiting
+from ._sql_client import ROW_COLUMNS, SqlClient, new_flow, not_waiting
 from ._sql_db import SqlDb, lease_lost
 from ._sql_exec import SqlExecutor
 from ._types import Checkpoint, FlowRow, Lease, SchemaCheck, SignalResult
@@ -124,7 +126,7 @@ class PgClient(SqlClient):
         db = self._db
         for _ in range(3):
             with db.one() as conn:
-                created = conn.execute(new_flows(db, [(flow_id, name, input_json)])).first()
+                created = conn.execute(new_flow(db, flow_id, name, input_json)).first()
                 if created is not None:
                     return db.flow_row(created), True
                 row = conn.execute(select(flows).where(flows.c.id == flow_id)).first()
@@ -132,6 +134,41 @@ class PgClient(SqlClient):
                 return db.flow_row(row), False
             # The row that took the id was purged in between: the INSERT can succeed now.
         raise StoreError(f"flow {flow_id!r}: its row kept disappearing while it was created")
+
+    def _insert_new(self, items: Sequence[NewFlow]) -> Any:
+        """The batch's INSERT as ``INSERT ... SELECT FROM unnest(ids, names, inputs)``.
+
+        Three array parameters instead of a VALUES row each: one compiled (and cached)
+        statement for every batch size, and a few bind parameters for 1000 flows.
+        """
+        new = (
+            func.unnest(
+                bindparam("ids", [i for i, _, _ in items], ARRAY(Text)),
+                bindparam("names", [n for _, n, _ in items], ARRAY(Text)),
+                bindparam("inputs", [j for _, _, j in items], ARRAY(Text)),
+            )
+            .table_valued("id", "name", "input")
+            .render_derived()
+        )
+        now = literal(self._db.now(), flows.c.created_at.type)
+        fixed = {
+            flows.c.status: literal(FlowStatus.PENDING.value, flows.c.status.type),
+            flows.c.wake_at: now,
+            flows.c.wake_kind: literal(WakeKind.RUN.value, flows.c.wake_kind.type),
+            flows.c.epoch: literal(0),
+            flows.c.next_seq: literal(0),
+            flows.c.runs: literal(0),
+            flows.c.retries: literal(0),
+            flows.c.created_at: now,
+            flows.c.updated_at: now,
+        }
+        rows = select(new.c.id, new.c.name, new.c.input, *fixed.values())
+        return (
+            pg_insert(flows)
+            .from_select(["id", "name", "input", *(c.name for c in fixed)], rows)
+            .on_conflict_do_nothing(index_elements=["id"])
+            .returning(*ROW_COLUMNS)
+        )
 
     def _record_signal(
         self, flow_id: str, name: str, payload: str, key: str | None, check: SchemaCheck | None

@@ -11,6 +11,7 @@ from typing import Generic, Protocol
 import pytest
 
 from crux_workers import FlowAlreadyFinished, FlowNotFound, FlowNotWaiting
+from crux_workers._client import MAX_BATCH
 from crux_workers._store import _lifecycle as life
 from crux_workers._store._memory import MemoryStore
 from crux_workers._store._migrate import upgrade
@@ -109,6 +110,16 @@ def test_create_flows_records_a_batch_and_returns_existing_rows(
     assert isinstance(s.claim("b1", "w", 10), Claimed)
     s.finish(lease, "completed", result="1")
     assert s.create_flows([]) == []
+
+
+def test_create_flows_takes_a_batch_of_the_client_limit(store: tuple[CruxStore, Clock]) -> None:
+    s, _ = store
+    items = [(f"m{i}", "demo", f'{{"i":{i}}}') for i in range(MAX_BATCH)]
+    got = s.create_flows(items)
+    assert [(row.id, row.input, created) for row, created in got] == [
+        (i, j, True) for i, _, j in items
+    ]
+    assert len(s.list_flows(FlowFilter(limit=MAX_BATCH + 10))) == MAX_BATCH
 
 
 def test_create_flows_refuses_the_whole_batch(store: tuple[CruxStore, Clock]) -> None:
