@@ -14,7 +14,9 @@ Modes:
   ``TransactionClient`` for the A/B);
 - ``run()`` loop: one autocommit ``INSERT ... RETURNING`` the row, then one publish;
 - ``run_many`` in batches of 100, and of N: one multi-row INSERT per batch, the
-  publishes over one producer.
+  publishes over one producer;
+- the single start and the batch of N again, recording only (a dispatcher that
+  publishes nothing): what the record costs, and so what the publishing costs.
 
 Commits per start come from ``pg_stat_database.xact_commit`` of the bench database: the
 app's connections are closed after each mode, so their backends flush their counters on
@@ -32,7 +34,8 @@ import statistics
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
@@ -103,7 +106,7 @@ class Commits:
             if got[0] == last or time.monotonic() > deadline:
                 return int(got[0])
             last = got[0]
-            time.sleep(0.2)
+            time.sleep(0.1)
 
     def close(self) -> None:
         self._conn.rollback()
@@ -145,6 +148,30 @@ def queued(r: redis.Redis) -> int:
     return sum(int(r.llen(k)) for k in r.scan_iter() if r.type(k) == b"list")
 
 
+class Discard:
+    """A dispatcher that publishes nothing (the record-only modes)."""
+
+    def enqueue(
+        self, flow_name: str, flow_id: str, countdown: float | None = None, *, start: bool = False
+    ) -> None:
+        pass
+
+    def enqueue_many(self, flow_name: str, flow_ids: Sequence[str], *, start: bool = False) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class Mode:
+    label: str
+    run: Callable[[FlowHandle[Order], int], None]
+    client: SqlClient
+    handle: FlowHandle[Order]
+    publishes: bool = True
+
+
 def mode_loop(h: FlowHandle[Order], n: int) -> None:
     for i in range(n):
         h.run(input=Order(sku=f"sku-{i}", qty=i), flow_id=str(uuid.uuid4()))
@@ -172,39 +199,53 @@ def main() -> None:
         def order(f: FlowContext[Order]) -> int:
             return f.input.qty
 
+        # The same flow on an app that publishes nothing: what the record alone costs.
+        quiet = Crux(Settings(database_url=url), store=store, dispatcher=Discard())
+        quiet_order = quiet.flow("order", input=Order)(order.fn)
+
         r = redis.Redis.from_url(redis_url)
         fast = store._client  # the bench swaps the client paths for the A/B
         slow = TransactionClient(store._db)
-        modes: list[tuple[str, Callable[[FlowHandle[Order], int], None], SqlClient]] = [
-            ("`run()` loop, transaction path (before)", mode_loop, slow),
-            ("`run()` loop, one INSERT", mode_loop, fast),
-            ("`run_many`, batches of 100", mode_batches(100), fast),
-            (f"`run_many`, batches of {n}", mode_batches(n), fast),
+        modes: list[Mode] = [
+            Mode("`run()` loop, transaction path (before)", mode_loop, slow, order),
+            Mode("`run()` loop, one INSERT", mode_loop, fast, order),
+            Mode("`run_many`, batches of 100", mode_batches(100), fast, order),
+            Mode(f"`run_many`, batches of {n}", mode_batches(n), fast, order),
+            Mode("`run()` loop, one INSERT, record only", mode_loop, fast, quiet_order, False),
+            Mode(
+                f"`run_many`, batches of {n}, record only",
+                mode_batches(n),
+                fast,
+                quiet_order,
+                False,
+            ),
         ]
         # Warm up: the engine's pool, the Celery app and its broker connection.
         mode_loop(order, 20)
         order.run_many([Order(sku="w", qty=0)] * 20)
         store.engine.dispose()
         counter = Commits(dsn)
-        times: dict[str, list[float]] = {m[0]: [] for m in modes}
-        per_start: dict[str, list[float]] = {m[0]: [] for m in modes}
+        times: dict[str, list[float]] = {m.label: [] for m in modes}
+        per_start: dict[str, list[float]] = {m.label: [] for m in modes}
         for _ in range(args.reps):
-            for label, run, client in modes:
-                store._client = client
+            for m in modes:
+                store._client = m.client
                 before_msgs, before_commits = queued(r), counter.settled()
                 t0 = time.perf_counter()
-                run(order, n)
-                times[label].append(time.perf_counter() - t0)
+                m.run(m.handle, n)
+                times[m.label].append(time.perf_counter() - t0)
                 store.engine.dispose()  # the backends exit and flush their counters
-                per_start[label].append((counter.settled() - before_commits) / n)
-                sent = queued(r) - before_msgs
-                assert sent == n, f"{label}: {sent} start messages in Redis, expected {n}"
+                per_start[m.label].append((counter.settled() - before_commits) / n)
+                sent, want = queued(r) - before_msgs, n if m.publishes else 0
+                assert sent == want, f"{m.label}: {sent} start messages in Redis, not {want}"
         store._client = fast
         counter.close()
+        quiet.close()
         app.close()
         with psycopg.connect(dsn) as conn:
             got = conn.execute("SELECT count(*) FROM crux_flows").fetchone()
         assert got is not None and got[0] == 40 + args.reps * len(modes) * n, got
+        assert queued(r) == 40 + args.reps * sum(m.publishes for m in modes) * n
 
     print(f"## Starting {n} flows (fsync on, Celery publishing to Redis, no workers)\n")
     print(
@@ -213,7 +254,7 @@ def main() -> None:
     )
     print("| mode | starts/s | ms per start | commits per start |")
     print("|---|---|---|---|")
-    for label, _, _ in modes:
+    for label in times:
         secs = times[label]
         rates = sorted(n / s for s in secs)
         ms = sorted(s * 1000 / n for s in secs)

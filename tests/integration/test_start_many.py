@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import pytest
+import redis
 from pydantic import BaseModel
 from sqlalchemy import event
 
@@ -29,6 +30,23 @@ def test_a_batch_runs_on_a_real_worker_each_step_once(fleet: Fleet) -> None:
             "slow-end": 1,
             "after": 1,
         }
+
+
+def _lists(r: redis.Redis) -> dict[bytes, int]:
+    return {k: int(r.llen(k)) for k in r.scan_iter() if r.type(k) == b"list"}
+
+
+def test_a_batch_is_published_where_single_starts_go(fleet: Fleet) -> None:
+    # No worker: the messages stay in Redis, where they can be counted.
+    r = redis.Redis.from_url(fleet.redis_url)
+    try:
+        fleet.flows["slow"].run(input={"seconds": 0})
+        single = _lists(r)
+        assert sum(single.values()) == 1
+        fleet.flows["slow"].run_many([{"seconds": 0}] * 30)
+        assert _lists(r) == {k: n + 30 for k, n in single.items()}
+    finally:
+        r.close()
 
 
 def test_a_refused_batch_records_and_publishes_nothing(fleet: Fleet) -> None:
