@@ -32,10 +32,11 @@ from ._models import (
 )
 from ._schema_check import schema_errors
 from ._settings import Settings, redact
-from ._store._batch import check_distinct
+from ._starts import batch_items, enqueue_many_quietly
+from ._starts import input_json as to_json
 from ._store._roles import CruxStore, StepCache
 from ._store._types import FlowFilter, FlowRow
-from ._transport import BatchEnqueue, PublishedSignal, Transport
+from ._transport import PublishedSignal, Transport
 from .errors import (
     FlowIdConflict,
     FlowNotFound,
@@ -47,10 +48,6 @@ from .errors import (
 
 log = logging.getLogger("crux_workers")
 T = TypeVar("T")
-
-# The most flows one ``start_many`` records: one INSERT of this many rows stays well
-# under the drivers' parameter limits, and one transaction stays short.
-MAX_BATCH = 1000
 
 # The async forms run the record's (blocking) calls here, not on the caller's loop and
 # not in its default executor, which the application may need for itself.
@@ -108,32 +105,6 @@ def enqueue_quietly(
         )
 
 
-def enqueue_many_quietly(
-    services: Services, flow_name: str, flow_ids: Sequence[str], *, start: bool = False
-) -> None:
-    """Ask for many executions, over one connection where the transport can.
-
-    As ``enqueue_quietly``: a failure is logged, not raised; the flows are recorded as
-    due, and the sweeper sends those the failure left unsent.
-    """
-    transport = services.transport
-    if not isinstance(transport, BatchEnqueue):
-        for flow_id in flow_ids:
-            enqueue_quietly(services, flow_name, flow_id, None, start=start)
-        return
-    try:
-        transport.enqueue_many(flow_name, flow_ids, start=start)
-    except Exception as exc:
-        log.warning(
-            "%d flow(s) of %r: could not enqueue them all on %s (%s); they are recorded "
-            "as due and the sweeper will send those not sent",
-            len(flow_ids),
-            flow_name,
-            redact(services.settings.effective_broker_url),
-            exc,
-        )
-
-
 class Client:
     """Start, signal, cancel, resume, read and wait on flows of one app."""
 
@@ -149,7 +120,8 @@ class Client:
             flow_id = str(uuid.uuid4())
         else:
             check_id(flow_id, "flow_id")
-        input_json = self._input_json(flow_name, model, f"input of flow {flow_name!r}")
+        what = f"input of flow {flow_name!r}"
+        input_json = to_json(flow_name, model, self._s.settings.max_value_bytes, what)
         row, created = self._s.store.create_flow(flow_id, flow_name, input_json)
         if row.name != flow_name:
             raise FlowIdConflict(
@@ -174,54 +146,17 @@ class Client:
         are recorded in one transaction, all or nothing (an id taken by another flow
         name: ``FlowIdConflict``), then their executions are asked for together. An id
         that exists already returns that flow, re-sent if it is still pending, as
-        ``start`` does. At most ``MAX_BATCH`` flows per call.
+        ``start`` does. At most 1000 flows per call (``_starts.MAX_BATCH``).
         """
-        models = list(models)
-        if len(models) > MAX_BATCH:
-            raise InvalidInput(
-                f"start_many takes at most {MAX_BATCH} flows per call, got {len(models)}; "
-                "split the batch (nothing was recorded)",
-                flow=flow_name,
-            )
-        if flow_ids is None:
-            ids = [str(uuid.uuid4()) for _ in models]
-        else:
-            if isinstance(flow_ids, str):
-                raise InvalidInput("flow_ids must be a sequence of ids, not one string")
-            ids = list(flow_ids)
-            if len(ids) != len(models):
-                raise InvalidInput(
-                    f"start_many got {len(models)} inputs and {len(ids)} flow ids; "
-                    "give one id per input, or none",
-                    flow=flow_name,
-                )
-            for i, flow_id in enumerate(ids):
-                check_id(flow_id, f"flow_ids[{i}]")
-        items = [
-            (
-                flow_id,
-                flow_name,
-                self._input_json(flow_name, m, f"input #{i} of flow {flow_name!r}"),
-            )
-            for i, (flow_id, m) in enumerate(zip(ids, models, strict=True))
-        ]
-        check_distinct(items)
+        items = batch_items(flow_name, list(models), flow_ids, self._s.settings.max_value_bytes)
         if not items:
             return []
         got = self._s.store.create_flows(items)
         # Pending flows that existed already are re-sent, as a repeated ``start`` does.
         due = [row.id for row, created in got if created or row.status == "pending"]
         if due:
-            enqueue_many_quietly(self._s, flow_name, due, start=True)
-        return ids
-
-    def _input_json(self, flow_name: str, model: BaseModel, what: str) -> str:
-        """The input as JSON, refused (``InvalidInput``) when too deep or too large."""
-        try:
-            _json.check_depth(model.model_dump(mode="json"))
-        except ValueError as exc:
-            raise InvalidInput(f"{what}: {exc}", flow=flow_name) from None
-        return _json.check_size(model.model_dump_json(), self._s.settings.max_value_bytes, what)
+            enqueue_many_quietly(self._s.transport, self._s.settings, flow_name, due, start=True)
+        return [flow_id for flow_id, _, _ in items]
 
     def resume(self, flow_id: str) -> str:
         """Ask for a suspended flow to be replayed now; returns its flow name."""

@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from ._client import MAX_BATCH
 from ._models import FlowOutcome, FlowState, SignalReceipt
+from ._starts import MAX_BATCH
 from .errors import FlowIdConflict, InvalidInput
 
 if TYPE_CHECKING:

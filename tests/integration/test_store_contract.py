@@ -11,7 +11,7 @@ from typing import Generic, Protocol
 import pytest
 
 from crux_workers import FlowAlreadyFinished, FlowNotFound, FlowNotWaiting
-from crux_workers._client import MAX_BATCH
+from crux_workers._starts import MAX_BATCH
 from crux_workers._store import _lifecycle as life
 from crux_workers._store._memory import MemoryStore
 from crux_workers._store._migrate import upgrade

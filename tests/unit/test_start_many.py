@@ -19,7 +19,7 @@ from crux_workers import (
     InvalidInput,
     Settings,
 )
-from crux_workers._client import MAX_BATCH
+from crux_workers._starts import MAX_BATCH
 from crux_workers._store._types import FlowFilter
 from crux_workers.errors import ValueTooLarge
 from tests.support.harness import Harness
