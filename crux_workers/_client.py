@@ -11,7 +11,7 @@ import functools
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, TypeVar
 
@@ -32,6 +32,8 @@ from ._models import (
 )
 from ._schema_check import schema_errors
 from ._settings import Settings, redact
+from ._starts import batch_items, enqueue_many_quietly
+from ._starts import input_json as to_json
 from ._store._roles import CruxStore, StepCache
 from ._store._types import FlowFilter, FlowRow
 from ._transport import PublishedSignal, Transport
@@ -119,13 +121,7 @@ class Client:
         else:
             check_id(flow_id, "flow_id")
         what = f"input of flow {flow_name!r}"
-        try:
-            _json.check_depth(model.model_dump(mode="json"))
-        except ValueError as exc:
-            raise InvalidInput(f"{what}: {exc}", flow=flow_name) from None
-        input_json = _json.check_size(
-            model.model_dump_json(), self._s.settings.max_value_bytes, what
-        )
+        input_json = to_json(flow_name, model, self._s.settings.max_value_bytes, what)
         row, created = self._s.store.create_flow(flow_id, flow_name, input_json)
         if row.name != flow_name:
             raise FlowIdConflict(
@@ -136,6 +132,31 @@ class Client:
             # have been lost with the process that sent it.
             enqueue_quietly(self._s, flow_name, flow_id, None, start=True)
         return flow_id
+
+    def start_many(
+        self,
+        flow_name: str,
+        models: Sequence[BaseModel],
+        flow_ids: Sequence[str] | None = None,
+    ) -> list[str]:
+        """Start many flows of ``flow_name`` at once; their ids, in the order of ``models``.
+
+        Every input (and id) is checked before anything is recorded: one bad item
+        refuses the whole batch (``InvalidInput``), as does an id given twice. The flows
+        are recorded in one transaction, all or nothing (an id taken by another flow
+        name: ``FlowIdConflict``), then their executions are asked for together. An id
+        that exists already returns that flow, re-sent if it is still pending, as
+        ``start`` does. At most 1000 flows per call (``_starts.MAX_BATCH``).
+        """
+        items = batch_items(flow_name, list(models), flow_ids, self._s.settings.max_value_bytes)
+        if not items:
+            return []
+        got = self._s.store.create_flows(items)
+        # Pending flows that existed already are re-sent, as a repeated ``start`` does.
+        due = [row.id for row, created in got if created or row.status == "pending"]
+        if due:
+            enqueue_many_quietly(self._s.transport, self._s.settings, flow_name, due, start=True)
+        return [flow_id for flow_id, _, _ in items]
 
     def resume(self, flow_id: str) -> str:
         """Ask for a suspended flow to be replayed now; returns its flow name."""
@@ -333,6 +354,15 @@ class Client:
     ) -> str:
         """``start`` for async code."""
         return await off_loop(self.start, flow_name, model, flow_id)
+
+    async def start_many_async(
+        self,
+        flow_name: str,
+        models: Sequence[BaseModel],
+        flow_ids: Sequence[str] | None = None,
+    ) -> list[str]:
+        """``start_many`` for async code."""
+        return await off_loop(self.start_many, flow_name, models, flow_ids)
 
     async def signal_flow_async(
         self, flow_id: str, name: str, payload: Any = None, *, key: str | None = None

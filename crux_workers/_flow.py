@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
 from ._models import FlowOutcome, FlowState, SignalReceipt
+from ._starts import MAX_BATCH
 from .errors import FlowIdConflict, InvalidInput
 
 if TYPE_CHECKING:
@@ -117,6 +119,61 @@ class FlowHandle(Generic[M]):
         """``run`` for async code (a FastAPI handler, an async flow's caller)."""
         model = self.validate_input(input)
         return FlowRun(self.app, await self.app.client.start_async(self.name, model, flow_id))
+
+    def run_many(
+        self,
+        inputs: Iterable[M | dict[str, Any] | None],
+        *,
+        flow_ids: Sequence[str] | None = None,
+    ) -> list[FlowRun]:
+        """Start many runs at once (a bulk producer): one transaction, one connection.
+
+        Every input is validated first: one invalid input raises ``InvalidInput``
+        (naming its index) and nothing is recorded, nor is anything when an id repeats.
+        ``flow_ids``, if given, has one id per input; an id that exists returns the
+        existing run, as ``run`` does. At most 1000 inputs per call.
+        """
+        models = self._validate_many(inputs)
+        ids = self.app.client.start_many(self.name, models, flow_ids)
+        return [FlowRun(self.app, flow_id) for flow_id in ids]
+
+    async def run_many_async(
+        self,
+        inputs: Iterable[M | dict[str, Any] | None],
+        *,
+        flow_ids: Sequence[str] | None = None,
+    ) -> list[FlowRun]:
+        """``run_many`` for async code."""
+        models = self._validate_many(inputs)
+        ids = await self.app.client.start_many_async(self.name, models, flow_ids)
+        return [FlowRun(self.app, flow_id) for flow_id in ids]
+
+    def _validate_many(self, inputs: Iterable[Any]) -> list[BaseModel]:
+        if isinstance(inputs, BaseModel | dict | str | bytes) or not isinstance(inputs, Iterable):
+            raise InvalidInput(
+                f"run_many takes a list of inputs for flow {self.name!r}, "
+                f"not {type(inputs).__name__}",
+                flow=self.name,
+            )
+        inputs = list(inputs)
+        if len(inputs) > MAX_BATCH:
+            raise InvalidInput(
+                f"run_many takes at most {MAX_BATCH} inputs per call, got {len(inputs)}; "
+                "split the batch (nothing was recorded)",
+                flow=self.name,
+            )
+        models = []
+        for i, item in enumerate(inputs):
+            try:
+                models.append(self.validate_input(item))
+            except InvalidInput as exc:
+                raise InvalidInput(
+                    f"input #{i}: {exc.message}; nothing of the batch was recorded",
+                    flow=self.name,
+                    index=i,
+                    errors=getattr(exc, "errors", []),
+                ) from exc
+        return models
 
     def validate_input(self, input: Any) -> BaseModel:
         """The input as the flow's model; ``InvalidInput`` with pydantic's errors if not."""

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from .errors import TaskFailed
 
@@ -58,6 +59,22 @@ class Transport(Protocol):
 
     def close(self) -> None:
         """Stop sending; release what the transport holds."""
+        ...
+
+
+@runtime_checkable
+class BatchEnqueue(Protocol):
+    """A transport (or dispatcher) that asks for many executions at once.
+
+    Optional: a transport without it gets one ``enqueue`` per flow. The Celery
+    transport publishes a batch over one producer and connection.
+    """
+
+    def enqueue_many(self, flow_name: str, flow_ids: Sequence[str], *, start: bool = False) -> None:
+        """Ask for each flow of ``flow_ids`` (all of ``flow_name``) to be advanced now.
+
+        May raise part way: the flows not sent yet stay due in the record.
+        """
         ...
 
 
@@ -158,6 +175,11 @@ class EmbeddedTransport:
         except RuntimeError:  # shut down meanwhile
             log.info("embedded pool closed; flow %s stays recorded", flow_id)
 
+    def enqueue_many(self, flow_name: str, flow_ids: Sequence[str], *, start: bool = False) -> None:
+        """Run each execution on the pool (no broker: nothing to batch)."""
+        for flow_id in flow_ids:
+            self.enqueue(flow_name, flow_id, start=start)
+
     def send_child(self, task_id: str, call: dict[str, Any], child: Any) -> None:
         """Run the child on a thread of this process (there is no broker)."""
         if child is not None:
@@ -227,6 +249,14 @@ class DispatchingTransport:
     ) -> None:
         """Hand the request to the dispatcher."""
         self.dispatcher.enqueue(flow_name, flow_id, countdown, start=start)
+
+    def enqueue_many(self, flow_name: str, flow_ids: Sequence[str], *, start: bool = False) -> None:
+        """Hand the requests to the dispatcher: as one batch if it takes batches."""
+        if isinstance(self.dispatcher, BatchEnqueue):
+            self.dispatcher.enqueue_many(flow_name, flow_ids, start=start)
+            return
+        for flow_id in flow_ids:
+            self.dispatcher.enqueue(flow_name, flow_id, None, start=start)
 
     def send_child(self, task_id: str, call: dict[str, Any], child: Any) -> None:
         """Send the child as the base transport does."""

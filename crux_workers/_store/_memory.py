@@ -10,7 +10,7 @@ side in ``_memory_admin``.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from typing import Literal
 
@@ -88,6 +88,10 @@ class MemoryStore:
             flow.wake_kind = WakeKind.RUN
             self._flows[flow_id] = flow
             return flow_row(flow, details=False), True
+
+    def create_flows(self, items: Sequence[tuple[str, str, str]]) -> list[tuple[FlowRow, bool]]:
+        """Insert many pending flows at once; all or nothing."""
+        return self._ops.create_flows(items)
 
     def claim(
         self, flow_id: str, owner: str, ttl: float, *, max_lapses: int | None = None

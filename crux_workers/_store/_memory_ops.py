@@ -1,9 +1,13 @@
-"""The in-memory store's operator actions: retry a failed flow, fork one at a checkpoint."""
+"""The in-memory store's bulk and operator actions: create flows in a batch, retry a
+failed flow, fork one at a checkpoint."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from ..errors import FlowIdConflict, FlowNotRetryable, InvalidInput
 from . import _lifecycle as life
+from ._batch import NewFlow, check_distinct, refuse_taken
 from ._lifecycle import FlowStatus, WakeKind
 from ._memory_state import MemoryFlow, MemoryState, flow_row
 from ._memory_tasks import MemoryTasks
@@ -11,11 +15,37 @@ from ._types import FlowRow
 
 
 class MemoryOps:
-    """Retry and fork on the memory store's rows (the SQL side: ``_sql_client``)."""
+    """Batches, retry and fork on the memory store's rows (the SQL side: ``_sql_client``)."""
 
     def __init__(self, state: MemoryState, tasks: MemoryTasks) -> None:
         self._s = state
         self._tasks = tasks
+
+    def create_flows(self, items: Sequence[NewFlow]) -> list[tuple[FlowRow, bool]]:
+        """Insert many pending flows under the lock; all or nothing."""
+        check_distinct(items)
+        with self._s.lock:
+            flows = self._s.flows
+            refuse_taken(items, {i: flows[i].name for i, _, _ in items if i in flows})
+            now = self._s.now()
+            out = []
+            for flow_id, name, input_json in items:
+                if flow_id in flows:
+                    out.append((flow_row(flows[flow_id], details=False), False))
+                    continue
+                flow = MemoryFlow(
+                    flow_id,
+                    name,
+                    FlowStatus.PENDING,
+                    input_json,
+                    now,
+                    now,
+                    wake_at=now,
+                    wake_kind=WakeKind.RUN,
+                )
+                flows[flow_id] = flow
+                out.append((flow_row(flow, details=False), True))
+            return out
 
     def retry_flow(self, flow_id: str) -> str:
         """Make a failed flow due again from its last checkpoint; return its flow name."""

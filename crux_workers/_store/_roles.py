@@ -6,6 +6,7 @@ best-effort cache of checkpoints. Plain data only crosses these seams (``_types`
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Literal, Protocol
 
@@ -158,6 +159,16 @@ class ClientStore(Protocol):
 
     def create_flow(self, flow_id: str, name: str, input_json: str) -> tuple[FlowRow, bool]:
         """Insert a pending flow, or return the existing row; the bool says if created."""
+        ...
+
+    def create_flows(self, items: Sequence[tuple[str, str, str]]) -> list[tuple[FlowRow, bool]]:
+        """Insert many pending flows at once: (flow id, name, input JSON) each.
+
+        All or nothing, in one transaction: for each item, in order, its row and whether
+        it was created (an id that exists returns its row, as ``create_flow`` does). An
+        id repeated in ``items`` (``InvalidInput``) or taken by another flow name
+        (``FlowIdConflict``) refuses the whole batch, and nothing is recorded.
+        """
         ...
 
     def record_signal(

@@ -14,7 +14,7 @@ hands every call to the piece that owns its role:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Literal
 
@@ -172,6 +172,10 @@ class SqlStore:
     def create_flow(self, flow_id: str, name: str, input_json: str) -> tuple[FlowRow, bool]:
         """Insert a pending flow, or return the existing row; the bool says if created."""
         return self._client.create_flow(flow_id, name, input_json)
+
+    def create_flows(self, items: Sequence[tuple[str, str, str]]) -> list[tuple[FlowRow, bool]]:
+        """Insert many pending flows in one transaction; all or nothing."""
+        return self._client.create_flows(items)
 
     def record_signal(
         self,

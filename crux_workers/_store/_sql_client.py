@@ -6,6 +6,9 @@ one statement on Postgres.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import insert, select, update
 
@@ -19,11 +22,84 @@ from ..errors import (
     StoreError,
 )
 from . import _lifecycle as life
+from ._batch import NewFlow, check_distinct, refuse_taken
 from ._clock import aware
 from ._lifecycle import FlowStatus, SignalStatus, TaskStatus, WakeKind
 from ._schema import flows, signals, step_errors, steps, tasks
 from ._sql_db import NO_LEASE, SqlDb
 from ._types import FlowRow, SchemaCheck, SignalResult, SignalRow, StepErrorRow, StepRow
+
+# What ``SqlDb.flow_row`` reads: an INSERT returns these, so a new flow needs no SELECT.
+ROW_COLUMNS = (
+    flows.c.id,
+    flows.c.name,
+    flows.c.status,
+    flows.c.input,
+    flows.c.result,
+    flows.c.error,
+    flows.c.cancel_reason,
+    flows.c.waiting_on,
+    flows.c.deadline,
+    flows.c.wake_at,
+    flows.c.wake_kind,
+    flows.c.epoch,
+    flows.c.created_at,
+    flows.c.updated_at,
+    flows.c.finished_at,
+    flows.c.waiting_schema,
+    flows.c.forked_from,
+    flows.c.forked_at,
+    flows.c.retries,
+)
+
+# How often a batch is tried again when a row it conflicted with was purged meanwhile.
+_RACES = 3
+
+
+def _new_values(now: Any) -> dict[str, Any]:
+    return {
+        "status": FlowStatus.PENDING,
+        "wake_at": now,
+        "wake_kind": WakeKind.RUN,
+        "epoch": 0,
+        "next_seq": 0,
+        "runs": 0,
+        "retries": 0,
+        "created_at": now,
+        "updated_at": now,
+    }
+
+
+def new_flow(db: SqlDb, flow_id: str, name: str, input_json: str) -> Any:
+    """``INSERT`` one pending flow, due now; ``ON CONFLICT DO NOTHING RETURNING`` its row.
+
+    A taken id returns no row. The single-row form, so its compiled SQL is cached.
+    """
+    return (
+        db.insert(flows)
+        .values(id=flow_id, name=name, input=input_json, **_new_values(db.now()))
+        .on_conflict_do_nothing(index_elements=["id"])
+        .returning(*ROW_COLUMNS)
+    )
+
+
+def new_flows(db: SqlDb, items: Sequence[NewFlow]) -> Any:
+    """``INSERT`` pending flows in one multi-row statement; returns the rows of those created.
+
+    (Not cached: a multi-row VALUES is compiled per call. Postgres overrides it.)
+    """
+    base = _new_values(db.now())
+    rows = [{"id": i, "name": n, "input": j, **base} for i, n, j in items]
+    return (
+        db.insert(flows)
+        .values(rows)
+        .on_conflict_do_nothing(index_elements=["id"])
+        .returning(*ROW_COLUMNS)
+    )
+
+
+class _Vanished(Exception):
+    """A row the batch conflicted with was gone when read (purged): try again."""
 
 
 def not_waiting(flow_id: str, status: str, name: str) -> FlowNotWaiting:
@@ -81,29 +157,49 @@ class SqlClient:
     def create_flow(self, flow_id: str, name: str, input_json: str) -> tuple[FlowRow, bool]:
         """Insert a pending flow, or return the existing row; the bool says if created."""
         db = self._db
-        now = db.now()
-        stmt = (
-            db.insert(flows)
-            .values(
-                id=flow_id,
-                name=name,
-                status=FlowStatus.PENDING,
-                input=input_json,
-                wake_at=now,
-                wake_kind=WakeKind.RUN,
-                epoch=0,
-                next_seq=0,
-                runs=0,
-                created_at=now,
-                updated_at=now,
-            )
-            .on_conflict_do_nothing(index_elements=["id"])
-            .returning(flows.c.id)
-        )
         with db.tx() as conn:
-            created = conn.execute(stmt).first() is not None
+            created = conn.execute(new_flow(db, flow_id, name, input_json)).first()
+            if created is not None:
+                return db.flow_row(created), True
             row = conn.execute(select(flows).where(flows.c.id == flow_id)).one()
-        return db.flow_row(row), created
+        return db.flow_row(row), False
+
+    def create_flows(self, items: Sequence[NewFlow]) -> list[tuple[FlowRow, bool]]:
+        """Insert many pending flows in one transaction; each one's row and if created.
+
+        One multi-row INSERT; only the ids that existed already are read back. An id
+        taken by another flow name refuses the whole batch (``FlowIdConflict``) and
+        nothing is recorded; so do ids repeated within ``items`` (``InvalidInput``).
+        """
+        if not items:
+            return []
+        check_distinct(items)
+        db = self._db
+        for _ in range(_RACES):
+            try:
+                with db.tx() as conn:
+                    got = {r.id: r for r in conn.execute(self._insert_new(items)).all()}
+                    taken = [flow_id for flow_id, _, _ in items if flow_id not in got]
+                    existing = {}
+                    if taken:
+                        rows = conn.execute(select(flows).where(flows.c.id.in_(taken))).all()
+                        existing = {r.id: r for r in rows}
+                        if len(existing) < len(taken):
+                            raise _Vanished
+                        refuse_taken(items, {i: r.name for i, r in existing.items()})
+            except _Vanished:
+                continue
+            return [
+                (db.flow_row(got[flow_id]), True)
+                if flow_id in got
+                else (db.flow_row(existing[flow_id]), False)
+                for flow_id, _, _ in items
+            ]
+        raise StoreError("create_flows: existing flows kept disappearing (purged meanwhile?)")
+
+    def _insert_new(self, items: Sequence[NewFlow]) -> Any:
+        """The batch's INSERT: a multi-row VALUES here."""
+        return new_flows(self._db, items)
 
     def cancel(self, flow_id: str, reason: str) -> str:
         """Cancel at once ("cancelled") or at the running executor's next step ("cancelling")."""

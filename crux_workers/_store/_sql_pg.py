@@ -12,25 +12,38 @@ than the statement itself.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import Any
 
 import psycopg
 from psycopg.rows import namedtuple_row
-from sqlalchemy import Connection, Engine, Select, TextClause
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Select,
+    Text,
+    TextClause,
+    bindparam,
+    func,
+    literal,
+    select,
+)
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from .._settings import redact
 from ..errors import FlowNotFound, RecordRefused, StoreError
 from . import _lifecycle as life
 from . import _sql_rules as rules
-from ._lifecycle import CheckpointKind, FlowStatus
-from ._sql_client import SqlClient, not_waiting
+from ._batch import NewFlow
+from ._lifecycle import CheckpointKind, FlowStatus, WakeKind
+from ._schema import flows
+from ._sql_client import ROW_COLUMNS, SqlClient, new_flow, not_waiting
 from ._sql_db import SqlDb, lease_lost
 from ._sql_exec import SqlExecutor
-from ._types import Checkpoint, Lease, SchemaCheck, SignalResult, StepCommit
+from ._types import Checkpoint, FlowRow, Lease, SchemaCheck, SignalResult, StepCommit
 
 
 class PgDb(SqlDb):
@@ -234,7 +247,58 @@ class PgExecutor(SqlExecutor):
 
 
 class PgClient(SqlClient):
-    """The client's writes on Postgres: a signal in one statement."""
+    """The client's writes on Postgres: a new flow and a signal in one statement each."""
+
+    def create_flow(self, flow_id: str, name: str, input_json: str) -> tuple[FlowRow, bool]:
+        """Insert a pending flow, or return the existing row; the bool says if created."""
+        # A new flow (the common case) is one autocommit INSERT that returns its row: no
+        # BEGIN, no SELECT, no COMMIT round trip. Only a taken id reads the row it found.
+        db = self._db
+        for _ in range(3):
+            with db.one() as conn:
+                created = conn.execute(new_flow(db, flow_id, name, input_json)).first()
+                if created is not None:
+                    return db.flow_row(created), True
+                row = conn.execute(select(flows).where(flows.c.id == flow_id)).first()
+            if row is not None:
+                return db.flow_row(row), False
+            # The row that took the id was purged in between: the INSERT can succeed now.
+        raise StoreError(f"flow {flow_id!r}: its row kept disappearing while it was created")
+
+    def _insert_new(self, items: Sequence[NewFlow]) -> Any:
+        """The batch's INSERT as ``INSERT ... SELECT FROM unnest(ids, names, inputs)``.
+
+        Three array parameters instead of a VALUES row each: one compiled (and cached)
+        statement for every batch size, and a few bind parameters for 1000 flows.
+        """
+        new = (
+            func.unnest(
+                bindparam("ids", [i for i, _, _ in items], ARRAY(Text)),
+                bindparam("names", [n for _, n, _ in items], ARRAY(Text)),
+                bindparam("inputs", [j for _, _, j in items], ARRAY(Text)),
+            )
+            .table_valued("id", "name", "input")
+            .render_derived()
+        )
+        now = literal(self._db.now(), flows.c.created_at.type)
+        fixed = {
+            flows.c.status: literal(FlowStatus.PENDING.value, flows.c.status.type),
+            flows.c.wake_at: now,
+            flows.c.wake_kind: literal(WakeKind.RUN.value, flows.c.wake_kind.type),
+            flows.c.epoch: literal(0),
+            flows.c.next_seq: literal(0),
+            flows.c.runs: literal(0),
+            flows.c.retries: literal(0),
+            flows.c.created_at: now,
+            flows.c.updated_at: now,
+        }
+        rows = select(new.c.id, new.c.name, new.c.input, *fixed.values())
+        return (
+            pg_insert(flows)
+            .from_select(["id", "name", "input", *(c.name for c in fixed)], rows)
+            .on_conflict_do_nothing(index_elements=["id"])
+            .returning(*ROW_COLUMNS)
+        )
 
     _db: PgDb
 

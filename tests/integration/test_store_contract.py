@@ -11,6 +11,7 @@ from typing import Generic, Protocol
 import pytest
 
 from crux_workers import FlowAlreadyFinished, FlowNotFound, FlowNotWaiting
+from crux_workers._starts import MAX_BATCH
 from crux_workers._store import _lifecycle as life
 from crux_workers._store._memory import MemoryStore
 from crux_workers._store._migrate import upgrade
@@ -87,6 +88,52 @@ def test_create_is_idempotent(store: tuple[CruxStore, Clock]) -> None:
     assert created and row.status == "pending" and row.wake_kind == "run"
     again, created_again = s.create_flow("f", "demo", '{"a":2}')
     assert not created_again and again.input == '{"a":1}'
+
+
+def test_create_flows_records_a_batch_and_returns_existing_rows(
+    store: tuple[CruxStore, Clock],
+) -> None:
+    s, _ = store
+    s.create_flow("old", "demo", '{"a":0}')
+    lease = _claim(s, "old")
+    got = s.create_flows(
+        [("b1", "demo", '{"a":1}'), ("old", "demo", '{"a":9}'), ("b2", "demo", "{}")]
+    )
+    assert [(row.id, created) for row, created in got] == [
+        ("b1", True),
+        ("old", False),
+        ("b2", True),
+    ]
+    new, old, _ = (row for row, _ in got)
+    assert new.status == "pending" and new.wake_kind == "run" and new.input == '{"a":1}'
+    assert old.status == "running" and old.input == '{"a":0}'  # the existing row, untouched
+    assert s.get_flow("b2").status == "pending"
+    assert isinstance(s.claim("b1", "w", 10), Claimed)
+    s.finish(lease, "completed", result="1")
+    assert s.create_flows([]) == []
+
+
+def test_create_flows_takes_a_batch_of_the_client_limit(store: tuple[CruxStore, Clock]) -> None:
+    s, _ = store
+    items = [(f"m{i}", "demo", f'{{"i":{i}}}') for i in range(MAX_BATCH)]
+    got = s.create_flows(items)
+    assert [(row.id, row.input, created) for row, created in got] == [
+        (i, j, True) for i, _, j in items
+    ]
+    assert len(s.list_flows(FlowFilter(limit=MAX_BATCH + 10))) == MAX_BATCH
+
+
+def test_create_flows_refuses_the_whole_batch(store: tuple[CruxStore, Clock]) -> None:
+    s, _ = store
+    s.create_flow("taken", "other", "{}")
+    with pytest.raises(FlowIdConflict):
+        s.create_flows([("c1", "demo", "{}"), ("taken", "demo", "{}")])
+    with pytest.raises(InvalidInput):
+        s.create_flows([("c2", "demo", "{}"), ("c2", "demo", "{}")])
+    for flow_id in ("c1", "c2"):
+        with pytest.raises(FlowNotFound):
+            s.get_flow(flow_id)
+    assert {r.id for r in s.list_flows(FlowFilter(limit=10))} == {"taken"}
 
 
 def test_claim_refusals(store: tuple[CruxStore, Clock]) -> None:
@@ -839,6 +886,7 @@ def test_purge_takes_every_table_and_old_refusals(store: tuple[CruxStore, Clock]
 # A new store method fails the test below until it gets its contract test here.
 EXERCISED = {
     "create_flow",
+    "create_flows",
     "claim",
     "renew",
     "release",
