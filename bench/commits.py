@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -33,7 +34,7 @@ import sqlalchemy
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.overhead import Recorder, servers
-from bench.peers_crux import APPROVAL, W1Input, W2Input, define
+from bench.peers_crux import APPROVAL, GO, W1Input, W2Input, W3Input, define
 from crux_workers import Crux, Settings
 from crux_workers._store._sql_pg import PgDb
 
@@ -91,7 +92,7 @@ def main() -> None:
         pg.execute("ALTER SYSTEM SET wal_writer_delay = '10s'")
         pg.execute("SELECT pg_reload_conf()")
         app = Crux(Settings(database_url=pg_url, redis_url=redis_url), dispatcher=Recorder())
-        w1, w2, _w3 = define(app)
+        w1, w2, w3 = define(app)
         engine = app.store.engine  # type: ignore[attr-defined]
         trips = [0]
 
@@ -147,6 +148,7 @@ def main() -> None:
                 sqlalchemy.event.remove(engine, "begin", on_tx)
             got["trips"] = trips[0] / a.flows
             rows.append(got)
+        resumes = {k: w3_resumes(app, w3, k) for k in (10, 1000)}
         app.close()
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; {os.cpu_count()} vCPU; load {load}")
@@ -162,6 +164,29 @@ def main() -> None:
             f"| {r['label']} | {r['commits']:.2f} | {r['flushes']:.2f} | {r['trips']:.1f} "
             f"| {r['cpu_ms_per_step']:.3f} | {r['wall_ms_per_flow']:.2f} |"
         )
+
+    print(
+        "\nA resume after K steps (W3: K steps, then a suspend; `execute` of the resume, "
+        "the signal not included, median of 10, ms):\n"
+    )
+    print("| K | resume `execute`, wall (ms) |\n|---|---|")
+    for k, ms in resumes.items():
+        print(f"| {k} | {ms:.2f} |")
+    print(f"| ratio K=1000 / K=10 | {resumes[1000] / resumes[10]:.2f}x |")
+
+
+def w3_resumes(app: Crux, w3: Any, k: int, flows: int = 12) -> float:
+    """Median wall ms of ``execute`` resuming a flow with ``k`` steps behind it (cache warm)."""
+    ids = [w3.run(input=W3Input(k=k)).flow_id for _ in range(flows)]
+    for flow_id in ids:
+        assert app.execute(w3.name, flow_id).kind == "suspended"
+    took = []
+    for flow_id in ids:
+        app.signal_flow(flow_id, GO, 1)
+        t0 = time.perf_counter()
+        assert app.execute(w3.name, flow_id).kind == "completed"
+        took.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(took[2:])  # the first two: warm-up
 
 
 if __name__ == "__main__":
