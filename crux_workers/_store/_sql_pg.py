@@ -77,8 +77,13 @@ class PgDb(SqlDb):
         ``StoreError`` (try later) or ``RecordRefused`` (a data error), as elsewhere.
         """
         sql = _driver_sql(stmt)
-        with self.driver_errors():  # a failed checkout (connect) is SQLAlchemy's error
-            fairy = self.engine.raw_connection()
+        # A checkout that has to connect raises the driver's own error: the pool does
+        # not translate it as a Connection would.
+        with self.driver_errors():
+            try:
+                fairy = self.engine.raw_connection()
+            except psycopg.Error as exc:
+                raise self._refusal(exc) from exc
         try:
             conn = fairy.driver_connection
             assert isinstance(conn, psycopg.Connection)
@@ -91,17 +96,21 @@ class PgDb(SqlDb):
                 if not conn.closed:
                     conn.autocommit = False
         except psycopg.Error as exc:
-            retry_later = _connection_level(exc)
-            if retry_later:
+            if _connection_level(exc):
                 fairy.invalidate()
-            kind = StoreError if retry_later else RecordRefused
-            raise kind(
-                f"database error on {redact(self.url)}: {exc!r}",
-                url=redact(self.url),
-                connection_invalidated=retry_later,
-            ) from exc
+            raise self._refusal(exc) from exc
         finally:
             fairy.close()
+
+    def _refusal(self, exc: psycopg.Error) -> StoreError:
+        """The driver's error as the seam's: ``StoreError`` (try later) or ``RecordRefused``."""
+        retry_later = _connection_level(exc)
+        kind = StoreError if retry_later else RecordRefused
+        return kind(
+            f"database error on {redact(self.url)}: {exc!r}",
+            url=redact(self.url),
+            connection_invalidated=retry_later,
+        )
 
     def next_digest(self, conn: Connection, flow_id: str, cp: Checkpoint) -> Any:
         """The chained digest as an SQL expression: no extra round trip to read it first."""
