@@ -80,8 +80,8 @@ class CountingConn:
         self.conn.close()
 
 
-def setting_name(processes: int, concurrency: int) -> str:
-    return f"{processes} x c{concurrency}"
+def setting_name(processes: int, concurrency: int, pool: str = "prefork") -> str:
+    return f"{processes} x {'t' if pool == 'threads' else 'c'}{concurrency}"
 
 
 def make_cfg(a: argparse.Namespace, log_dir: Path) -> Cfg:
@@ -124,9 +124,12 @@ def machine_busy(into: dict[str, float]) -> Iterator[None]:
 
 
 def throughput(
-    srv: Servers, cfg: Cfg, settings: list[tuple[int, int]]
+    srv: Servers, cfg: Cfg, settings: list[tuple[int, int, str]]
 ) -> tuple[dict[str, list[Sample]], dict[str, dict[str, dict[str, float]]]]:
-    peers = {setting_name(p, c): CruxPeer(srv, cfg, c, processes=p) for p, c in settings}
+    peers = {
+        setting_name(p, c, pool): CruxPeer(srv, cfg, c, processes=p, pool=pool)
+        for p, c, pool in settings
+    }
     results: dict[str, list[Sample]] = {}
     cpu: dict[str, dict[str, dict[str, float]]] = {}
     names = list(peers)
@@ -287,7 +290,8 @@ def report(
         "",
         "Each cell: median over the repetitions (min-max).",
         "",
-        "| worker processes x pool children | W1 flows/s | W2 flows/s | W2 steps/s |",
+        "| worker processes x pool (cN: N child processes, tN: N threads) "
+        "| W1 flows/s | W2 flows/s | W2 steps/s |",
         "|---|---|---|---|",
     ]
     for name, reps in results.items():
@@ -376,6 +380,11 @@ def main() -> None:
     ap.add_argument(
         "--concurrency", default="", help="also: one process with these pool sizes (e.g. 2,4)"
     )
+    ap.add_argument(
+        "--threads",
+        default="",
+        help="also: each --workers count with a pool of these many threads (e.g. 4)",
+    )
     ap.add_argument("--sequential", type=int, default=20, help="flows run one at a time (part 2)")
     ap.add_argument("--commit-threads", default="1,4,16", help="client threads of the commit rate")
     ap.add_argument("--commit-seconds", type=float, default=5.0)
@@ -393,8 +402,11 @@ def main() -> None:
         print(report(blob["results"], blob["cpu"], blob["commits"], blob["rates"], meta))
         return
     skip = set(a.skip.split(",")) - {""}
-    settings = [(p, 1) for p in parse_list(a.workers)]
-    settings += [(1, c) for c in parse_list(a.concurrency) if (1, c) not in settings]
+    settings = [(p, 1, "prefork") for p in parse_list(a.workers)]
+    settings += [
+        (1, c, "prefork") for c in parse_list(a.concurrency) if (1, c, "prefork") not in settings
+    ]
+    settings += [(p, t, "threads") for t in parse_list(a.threads) for p in parse_list(a.workers)]
     started = time.monotonic()
     load_before = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     results: dict[str, list[Sample]] = {}
