@@ -50,9 +50,9 @@ def drained(client: Any, queue: str | None = "crux", within: float = 15.0) -> bo
 
 
 def start_ingress(fleet: FaultFleet, **env: str) -> Service:
-    return Service(
-        "ingress", {**fleet.env, **env}, fleet.tmp, "ingress", "--import", "tests.faults.flows"
-    ).wait_for("ingress: consuming")
+    return fleet.service("ingress", "ingress", "--import", "tests.faults.flows", env=env).wait_for(
+        "ingress: consuming"
+    )
 
 
 def raw_envelope(

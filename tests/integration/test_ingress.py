@@ -22,8 +22,8 @@ VERIFIED = {"verified_at": "2026-11-21T10:00:00Z"}
 
 
 def start_ingress(fleet: Fleet, **env: str) -> Service:
-    return Service(
-        "ingress", {**fleet.env, **env}, fleet.tmp, "ingress", "--import", "tests.integration.flows"
+    return fleet.service(
+        "ingress", "ingress", "--import", "tests.integration.flows", env=env
     ).wait_for("ingress: consuming")
 
 

@@ -29,7 +29,7 @@ import psycopg
 from crux_workers import Crux, FlowHandle, Settings
 from tests.servers import PostgresServer, RedisServer, _child_pids, _pid_alive
 from tests.support.effects import Effects, EventEffects, StepEffects
-from tests.workers import Beat, Worker, fleet_env
+from tests.workers import Beat, Service, Worker, fleet_env
 
 TERMINAL = ("completed", "failed", "cancelled", "expired")
 
@@ -71,6 +71,7 @@ class FleetBase(Generic[E]):
                 )
         self.workers: list[Worker] = []
         self.beats: list[Beat] = []
+        self.services: list[Service] = []  # other commands (ingress, metrics): killed at close
         self._names = itertools.count(1)
 
     # processes
@@ -88,6 +89,12 @@ class FleetBase(Generic[E]):
         self.beats.append(b)
         return b
 
+    def service(self, name: str, *args: str, env: dict[str, str] | None = None) -> Service:
+        """Start ``crux-workers <args>`` in the fleet's environment; killed at ``close``."""
+        s = Service(name, {**self.env, **(env or {})}, self.tmp, *args)
+        self.services.append(s)
+        return s
+
     def alive_workers(self) -> list[Worker]:
         return [w for w in self.workers if w.proc.poll() is None]
 
@@ -99,6 +106,9 @@ class FleetBase(Generic[E]):
             w.kill()
         for b in self.beats:
             b.kill()
+        for s in self.services:
+            with contextlib.suppress(Exception):
+                s.kill()
         self.app.close()
 
     # the record, read directly (tolerating a database that is restarting)
