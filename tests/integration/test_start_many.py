@@ -13,6 +13,7 @@ from sqlalchemy import event
 
 from crux_workers import Crux, FlowContext, FlowIdConflict, InvalidInput, Settings
 from crux_workers._store._sql import SqlStore
+from crux_workers._store._sql_pg import PgDb
 from tests.support.fleet import Fleet
 
 
@@ -85,10 +86,19 @@ def statements(store: SqlStore) -> Iterator[list[str]]:
         if not statement.strip().upper().startswith(("BEGIN", "COMMIT")):
             seen.append(statement.strip().split()[0].upper())
 
+    # The prebuilt statements run on the driver's connection, past SQLAlchemy's events.
+    first = PgDb.first
+
+    def record_first(db: PgDb, stmt: Any, params: dict[str, Any]) -> Any:
+        seen.append(stmt.text.strip().split()[0].upper())
+        return first(db, stmt, params)
+
     event.listen(store.engine, "before_cursor_execute", record)
+    PgDb.first = record_first  # type: ignore[method-assign]
     try:
         yield seen
     finally:
+        PgDb.first = first  # type: ignore[method-assign]
         event.remove(store.engine, "before_cursor_execute", record)
 
 
