@@ -83,6 +83,7 @@ def measure(
 def main() -> None:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--flows", type=int, default=200, help="flows of each kind")
+    ap.add_argument("--resumes", type=int, default=30, help="W3 resumes timed per K")
     a = ap.parse_args()
     with servers(fsync=True) as (pg, _rs, pg_url, redis_url):
         # The WAL writer also flushes, in the background, every wal_writer_delay (200 ms):
@@ -148,7 +149,7 @@ def main() -> None:
                 sqlalchemy.event.remove(engine, "begin", on_tx)
             got["trips"] = trips[0] / a.flows
             rows.append(got)
-        resumes = {k: w3_resumes(app, w3, k) for k in (10, 1000)}
+        resumes = {k: w3_resumes(app, w3, k, a.resumes + 2) for k in (10, 1000)}
         app.close()
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; {os.cpu_count()} vCPU; load {load}")
@@ -167,7 +168,7 @@ def main() -> None:
 
     print(
         "\nA resume after K steps (W3: K steps, then a suspend; `execute` of the resume, "
-        "the signal not included, median of 10, ms):\n"
+        f"the signal not included, median of {a.resumes}, ms):\n"
     )
     print("| K | resume `execute`, wall (ms) |\n|---|---|")
     for k, ms in resumes.items():
