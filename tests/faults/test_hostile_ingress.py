@@ -11,6 +11,7 @@ import bz2
 import hashlib
 import hmac
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -484,3 +485,51 @@ def test_refusals_are_bounded_and_every_cli_cell_is_escaped(fleet: FaultFleet, c
     assert "\x1b" not in as_json.stdout
     parsed = json.loads(as_json.stdout)
     assert {r["flow_id"] for r in parsed} >= {HOSTILE}
+
+
+# -- the ingress and its broker: an outage ridden out, SIGTERM obeyed ----------------------
+
+
+def _stop_in(ingress: Service) -> tuple[int, float]:
+    """SIGTERM the ingress; its exit code and how long it took to exit."""
+    t0 = time.monotonic()
+    code = ingress.kill(signal.SIGTERM)
+    return code, time.monotonic() - t0
+
+
+def test_the_ingress_rides_out_a_broker_outage_and_stops_promptly_on_sigterm(
+    fleet: FaultFleet, client: Any, request: pytest.FixtureRequest
+) -> None:
+    ingress = start_ingress(fleet)
+    run = fleet.flows["fault-inbox"].run(input={})
+    try:
+        fleet.redis.stop()
+        time.sleep(2.0)  # the ingress finds its broker gone and backs off
+        assert ingress.proc.poll() is None, ingress.tail()
+        fleet.redis.start()  # same port, empty
+        # It reconnects by itself: a message published after the outage is recorded.
+        body = item(run.flow_id, 1, key="after-outage")
+        client.lpush("crux.signals", raw_envelope(body))
+        wait_until(lambda: signals(fleet, run.flow_id), "recorded after the outage", logs=ingress)
+        assert [k for k, _ in signals(fleet, run.flow_id)] == ["after-outage"]
+        up_code, up_s = _stop_in(ingress)
+
+        # And with its broker gone, SIGTERM still ends it: no wait on a dead connection.
+        second = start_ingress(fleet)
+        fleet.redis.stop()
+        time.sleep(2.0)
+        assert second.proc.poll() is None, second.tail()
+        down_code, down_s = _stop_in(second)
+    finally:
+        if fleet.redis.pid is None:
+            fleet.redis.start()
+    report(
+        request,
+        "ingress sigterm",
+        broker_up_exit=up_code,
+        broker_up_s=round(up_s, 2),
+        broker_down_exit=down_code,
+        broker_down_s=round(down_s, 2),
+    )
+    assert (up_code, down_code) == (0, 0), ingress.tail() + second.tail()
+    assert up_s < 10 and down_s < 10, (up_s, down_s)
