@@ -56,11 +56,12 @@ ROW_COLUMNS = (
 _RACES = 3
 
 
-def _new_values(now: Any) -> dict[str, Any]:
+def new_flow_values(now: Any) -> dict[str, Any]:
+    """The columns a new flow sets besides its id, name and input: pending, due now."""
     return {
-        "status": FlowStatus.PENDING,
+        "status": FlowStatus.PENDING.value,
         "wake_at": now,
-        "wake_kind": WakeKind.RUN,
+        "wake_kind": WakeKind.RUN.value,
         "epoch": 0,
         "next_seq": 0,
         "runs": 0,
@@ -77,7 +78,7 @@ def new_flow(db: SqlDb, flow_id: str, name: str, input_json: str) -> Any:
     """
     return (
         db.insert(flows)
-        .values(id=flow_id, name=name, input=input_json, **_new_values(db.now()))
+        .values(id=flow_id, name=name, input=input_json, **new_flow_values(db.now()))
         .on_conflict_do_nothing(index_elements=["id"])
         .returning(*ROW_COLUMNS)
     )
@@ -88,7 +89,7 @@ def new_flows(db: SqlDb, items: Sequence[NewFlow]) -> Any:
 
     (Not cached: a multi-row VALUES is compiled per call. Postgres overrides it.)
     """
-    base = _new_values(db.now())
+    base = new_flow_values(db.now())
     rows = [{"id": i, "name": n, "input": j, **base} for i, n, j in items]
     return (
         db.insert(flows)

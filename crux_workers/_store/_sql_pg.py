@@ -39,9 +39,9 @@ from ..errors import FlowNotFound, RecordRefused, StoreError
 from . import _lifecycle as life
 from . import _sql_rules as rules
 from ._batch import NewFlow
-from ._lifecycle import CheckpointKind, FlowStatus, WakeKind
+from ._lifecycle import CheckpointKind, FlowStatus
 from ._schema import flows
-from ._sql_client import ROW_COLUMNS, SqlClient, not_waiting
+from ._sql_client import ROW_COLUMNS, SqlClient, new_flow_values, not_waiting
 from ._sql_db import SqlDb, lease_lost
 from ._sql_exec import SqlExecutor
 from ._types import Checkpoint, FlowRow, Lease, SchemaCheck, SignalResult, StepCommit
@@ -256,19 +256,15 @@ class PgExecutor(SqlExecutor):
         return str(got.status)
 
 
-# A new flow, as ``_sql_client.new_flow`` builds it (pending, due now, counters at 0),
-# prebuilt for the driver (``PgDb.first``): a start is the hot path of a producer, and
-# SQLAlchemy's building and compiling of the INSERT cost more CPU than the statement.
-# A taken id returns no row.
+# A new flow (``new_flow_values``: pending, due now), prebuilt for the driver
+# (``PgDb.first``): a start is the hot path of a producer, and SQLAlchemy's building and
+# compiling of the INSERT cost more CPU than the statement. A taken id returns no row.
+_NEW_COLUMNS = ("id", "name", "input", *new_flow_values(None))
 CREATE_FLOW = text(
-    f"""
-    INSERT INTO crux_flows (id, name, input, status, wake_at, wake_kind, epoch, next_seq,
-                            runs, retries, created_at, updated_at)
-    VALUES (:flow_id, :name, :input, '{FlowStatus.PENDING.value}', :now,
-            '{WakeKind.RUN.value}', 0, 0, 0, 0, :now, :now)
-    ON CONFLICT (id) DO NOTHING
-    RETURNING {", ".join(c.name for c in ROW_COLUMNS)}
-    """
+    f"INSERT INTO crux_flows ({', '.join(_NEW_COLUMNS)})"
+    f" VALUES ({', '.join(':' + c for c in _NEW_COLUMNS)})"
+    " ON CONFLICT (id) DO NOTHING"
+    f" RETURNING {', '.join(c.name for c in ROW_COLUMNS)}"
 )
 
 
@@ -283,9 +279,9 @@ class PgClient(SqlClient):
         # (``CREATE_FLOW``): no BEGIN, no SELECT, no COMMIT round trip. Only a taken id
         # reads the row it found.
         db = self._db
-        params = {"flow_id": flow_id, "name": name, "input": input_json}
         for _ in range(3):
-            created = db.first(CREATE_FLOW, {**params, "now": db.now()})
+            params = {"id": flow_id, "name": name, "input": input_json}
+            created = db.first(CREATE_FLOW, {**params, **new_flow_values(db.now())})
             if created is not None:
                 return db.flow_row(created), True
             with db.one() as conn:
@@ -310,17 +306,9 @@ class PgClient(SqlClient):
             .table_valued("id", "name", "input")
             .render_derived()
         )
-        now = literal(self._db.now(), flows.c.created_at.type)
         fixed = {
-            flows.c.status: literal(FlowStatus.PENDING.value, flows.c.status.type),
-            flows.c.wake_at: now,
-            flows.c.wake_kind: literal(WakeKind.RUN.value, flows.c.wake_kind.type),
-            flows.c.epoch: literal(0),
-            flows.c.next_seq: literal(0),
-            flows.c.runs: literal(0),
-            flows.c.retries: literal(0),
-            flows.c.created_at: now,
-            flows.c.updated_at: now,
+            flows.c[k]: literal(v, flows.c[k].type)
+            for k, v in new_flow_values(self._db.now()).items()
         }
         rows = select(new.c.id, new.c.name, new.c.input, *fixed.values())
         return (

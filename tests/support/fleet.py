@@ -107,8 +107,7 @@ class FleetBase(Generic[E]):
         for b in self.beats:
             b.kill()
         for s in self.services:
-            with contextlib.suppress(Exception):
-                s.kill()
+            s.kill()
         self.app.close()
 
     # the record, read directly (tolerating a database that is restarting)

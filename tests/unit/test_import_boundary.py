@@ -26,6 +26,7 @@ def _loaded_after(code: str) -> list[str]:
     "module",
     [
         "crux_workers._engine",
+        "crux_workers._execution",
         "crux_workers._context",
         "crux_workers._context_async",
         "crux_workers._port",
